@@ -1,0 +1,7 @@
+"""effarch: efficient sequence architectures in JAX/Flax.
+
+Every mixer is one gated linear recurrence computed several ways (recurrent,
+quadratic, chunked, Pallas kernels); see docs/theory.md.
+"""
+
+__version__ = "0.1.0"

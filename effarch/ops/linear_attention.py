@@ -1,0 +1,316 @@
+"""The one gated linear recurrence, in every form (DESIGN.md section 1).
+
+Per batch row and head, with state ``S_t`` of shape ``[K, V]`` (float32)::
+
+    S_t = diag(a_t) S_{t-1} + k_t v_t^T        a_t = exp(log_decay_t)
+    o_t = scale * S_t^T q_t
+
+Three forms compute it, and tests hold them equal:
+
+* ``"recurrent"``: the recurrence itself, a ``lax.scan`` over time. The truth.
+* ``"quadratic"``: the dual (SSD / "structured masked attention", Dao & Gu 2024,
+  eq. 5): ``O = scale * (Q K^T ∘ L) V`` with ``L[t, s] = prod_{r=s+1..t} a_r``.
+* ``"chunked"``: quadratic inside chunks of ``C`` steps, the recurrence across
+  chunk boundaries (Yang et al. 2023, GLA, section 3.2).
+
+Every ``exp`` in the parallel forms takes an argument ``<= 0`` (a sum of log
+decays between two steps), and masked entries are masked in the exponent, so a
+decay of ``-20`` per step over thousands of steps gives neither inf nor NaN,
+forward or backward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from effarch.ops import _common
+from effarch.typing import LogDecay, Queries, SegmentIds, State, Values
+
+OP = "linear_attention"
+SUPPORTED = ("auto", "recurrent", "quadratic", "chunked", "pallas")
+# Sub-chunk length for per-key-channel decay inside a chunk (see _intra_per_channel).
+SUBCHUNK = 16
+
+
+def linear_attention(
+    q: Queries,
+    k: Queries,
+    v: Values,
+    log_decay: LogDecay | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: State | None = None,
+    return_final_state: bool = False,
+    segment_ids: SegmentIds | None = None,
+    chunk_size: int = 64,
+    implementation: str = "auto",
+) -> tuple[Values, State | None]:
+    """Gated linear attention: ``S_t = exp(log_decay_t) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``.
+
+    Args:
+      q: queries ``[B,T,H,K]``.
+      k: keys ``[B,T,H,K]``.
+      v: values ``[B,T,H,V]``.
+      log_decay: ``None`` (no decay: ``a = 1``), ``[H]`` (constant per head:
+        RetNet), ``[B,T,H]`` (scalar per step: Mamba-2, mLSTM) or ``[B,T,H,K]``
+        (per key channel: GLA, RWKV-6, HGRN-2). Values should be ``<= 0``.
+      scale: multiplies the output; defaults to ``K ** -0.5``.
+      initial_state: ``[B,H,K,V]`` state before the first step (float32); feeds
+        only the first segment when ``segment_ids`` is given.
+      return_final_state: also return the state after the last step.
+      segment_ids: ``[B,T]`` integers for packed sequences: the state restarts
+        from zero wherever the id changes from the previous step.
+      chunk_size: chunk length ``C`` of the chunked form (any ``T`` works).
+      implementation: ``"auto"``, ``"recurrent"``, ``"quadratic"``,
+        ``"chunked"`` or ``"pallas"`` (kernels; interpreted on CPU).
+
+    Returns:
+      ``(o, S)``: ``o [B,T,H,V]`` in ``v.dtype``; ``S [B,H,K,V]`` float32 when
+      ``return_final_state``, else ``None``.
+
+    Raises:
+      ValueError: shapes that fit no form, naming the arrays and their shapes.
+    """
+    log_decay = _check_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size)
+    impl = _common.resolve_implementation(OP, implementation, SUPPORTED, _auto)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if impl == "pallas":
+        from pallas_kernels.chunked_linear_attention import ops as kernel_ops
+
+        o, state = kernel_ops.chunked_linear_attention(
+            q, k, v, log_decay, scale=scale, initial_state=initial_state,
+            return_final_state=return_final_state, segment_ids=segment_ids,
+            chunk_size=chunk_size)
+        return o, state
+    form = {"recurrent": recurrent, "quadratic": quadratic, "chunked": chunked}[impl]
+    kwargs = {"chunk_size": chunk_size} if impl == "chunked" else {}
+    o, state = form(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                    segment_ids=segment_ids, **kwargs)
+    return o.astype(v.dtype), (state if return_final_state else None)
+
+
+def _auto(platform: str) -> str:
+    """The XLA chunked form everywhere until a kernel is measured faster."""
+    if platform in ("gpu", "tpu"):
+        _common.log_once(
+            "linear_attention(implementation='auto') uses the XLA chunked form on "
+            f"{platform}; pass implementation='pallas' for the Pallas kernel.")
+    return "chunked"
+
+
+def _check_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size):
+    """Validates shapes; returns log_decay as None, [B,T,H] or [B,T,H,K] float32."""
+    dims: dict[str, int] = {}
+    _common.check_dims(OP, dims, q=(q, "BTHK"), k=(k, "BTHK"), v=(v, "BTHV"),
+                       initial_state=(initial_state, "BHKV"))
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{OP}: {_common.describe(name, x)}; expected a floating dtype.")
+    b, t, h, kd = q.shape
+    _common.check_segment_ids(segment_ids, b, t)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{OP}: chunk_size={chunk_size!r}; expected a positive int.")
+    if log_decay is None:
+        return None
+    forms = {(h,): "[H]", (b, t, h): "[B,T,H]", (b, t, h, kd): "[B,T,H,K]"}
+    if tuple(log_decay.shape) not in forms:
+        raise ValueError(
+            f"{OP}: {_common.describe('log_decay', log_decay)} fits no decay form; "
+            f"expected None, [H]=({h},), [B,T,H]=({b}, {t}, {h}) or "
+            f"[B,T,H,K]=({b}, {t}, {h}, {kd}) for q {tuple(q.shape)}.")
+    log_decay = log_decay.astype(jnp.float32)
+    if log_decay.ndim == 1:
+        log_decay = jnp.broadcast_to(log_decay, (b, t, h))
+    return log_decay
+
+
+def _f32(*xs):
+    return tuple(None if x is None else x.astype(jnp.float32) for x in xs)
+
+
+def _decay_state(state, a):
+    """``diag(a) state`` for ``a`` of shape ``[..]`` (scalar per head) or ``[.., K]``."""
+    if a.ndim == state.ndim - 2:  # [B,H] scalar decay
+        return state * a[..., None, None]
+    return state * a[..., None]  # [B,H,K] per key channel
+
+
+def recurrent(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None):
+    """The recurrence as a ``lax.scan`` over time, float32 state: the reference.
+
+    Args and returns as :func:`linear_attention`, with ``log_decay`` already
+    ``None``, ``[B,T,H]`` or ``[B,T,H,K]`` float32. The final state is always
+    returned; the output is float32.
+    """
+    q, k, v = _f32(q, k, v)
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    state = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None
+             else initial_state.astype(jnp.float32))
+    keep = 1.0 - _common.segment_starts(segment_ids, b, t).astype(jnp.float32)  # [B,T]
+    time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+
+    def step(state, inputs):
+        q_t, k_t, v_t, g_t, keep_t = inputs  # [B,H,K], [B,H,K], [B,H,V], decay, [B]
+        state = state * keep_t[:, None, None, None]
+        if g_t is not None:
+            state = _decay_state(state, jnp.exp(g_t))
+        state = state + jnp.einsum("bhk,bhv->bhkv", k_t, v_t)
+        o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, state)
+        return state, o_t
+
+    xs = (time_major(q), time_major(k), time_major(v), time_major(log_decay), time_major(keep))
+    state, o = jax.lax.scan(step, state, xs)
+    return jnp.moveaxis(o, 0, 1), state
+
+
+def quadratic(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None):
+    """The masked dual ``O = scale (Q K^T ∘ L) V`` (SSD), O(T^2) time and memory.
+
+    Args and returns as :func:`recurrent`.
+    """
+    q, k, v = _f32(q, k, v)
+    b, t, h, kd = q.shape
+    r = _common.reset_index(segment_ids, b, t)  # [B,T]
+    visible = (r[:, :, None] == r[:, None, :]) & jnp.tril(jnp.ones((t, t), bool))  # [B,T,T]
+    from_start = r == 0  # [B,T]: steps the initial state reaches
+    if log_decay is None:
+        scores = jnp.einsum("bthk,bshk->bhts", q, k) * visible[:, None]  # [B,H,T,T]
+        decay_from_start = jnp.where(from_start[:, None, :, None], 0.0, _common.MASKED_LOG)
+        decay_to_end = jnp.where(visible[:, None, -1, :, None], 0.0, _common.MASKED_LOG)
+    elif log_decay.ndim == 3:
+        g = jnp.moveaxis(log_decay, 1, 2)  # [B,H,T]
+        seg = _common.segsum(g)  # [B,H,T,T]
+        weights = jnp.exp(jnp.where(visible[:, None], seg, _common.MASKED_LOG))
+        scores = jnp.einsum("bthk,bshk->bhts", q, k) * weights
+        cum = jnp.cumsum(g, axis=-1)  # [B,H,T] log decay from step 0 through t
+        decay_from_start = jnp.where(from_start[:, None], cum, _common.MASKED_LOG)[..., None]
+        decay_to_end = jnp.where(visible[:, None, -1], seg[:, :, -1], _common.MASKED_LOG)[..., None]
+    else:
+        g = jnp.moveaxis(log_decay, 1, 3)  # [B,H,K,T]
+        seg = _common.segsum(g)  # [B,H,K,T,T]
+        weights = jnp.exp(jnp.where(visible[:, None, None], seg, _common.MASKED_LOG))
+        scores = jnp.einsum("bthk,bshk,bhkts->bhts", q, k, weights)
+        cum = jnp.cumsum(g, axis=-1)  # [B,H,K,T]
+        decay_from_start = jnp.where(from_start[:, None, None], cum, _common.MASKED_LOG)
+        decay_from_start = jnp.swapaxes(decay_from_start, -1, -2)  # [B,H,T,K]
+        decay_to_end = jnp.where(visible[:, None, None, -1], seg[..., -1, :], _common.MASKED_LOG)
+        decay_to_end = jnp.swapaxes(decay_to_end, -1, -2)  # [B,H,T,K]
+    o = scale * jnp.einsum("bhts,bshv->bthv", scores, v)
+    # decay_to_end[b,h,s(,k)]: log decay from step s to the last step, if visible.
+    k_to_end = jnp.moveaxis(k, 1, 2) * jnp.exp(decay_to_end)  # [B,H,T,K]
+    state = jnp.einsum("bhsk,bshv->bhkv", k_to_end, v)
+    if initial_state is not None:
+        s0 = initial_state.astype(jnp.float32)
+        q_from_start = jnp.moveaxis(q, 1, 2) * jnp.exp(decay_from_start)  # [B,H,T,K]
+        o = o + scale * jnp.einsum("bhtk,bhkv->bthv", q_from_start, s0)
+        decay_all = decay_from_start[:, :, -1]  # [B,H,K] or [B,H,1]
+        state = state + s0 * jnp.exp(decay_all)[..., None]
+    return o, state
+
+
+def chunked(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, chunk_size=64):
+    """Quadratic inside chunks of ``chunk_size`` steps, recurrent across them.
+
+    Args and returns as :func:`recurrent`; any ``T`` (padded internally).
+    Memory is ``O(B H T C)`` for the intra-chunk scores plus ``O(B H K V T / C)``
+    for the states entering each chunk (kept for the backward pass).
+    """
+    q, k, v = _f32(q, k, v)
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    c = min(chunk_size, t)
+    n = -(-t // c)  # number of chunks
+    if segment_ids is None:
+        segment_ids = jnp.zeros((b, t), jnp.int32)
+    pad = lambda x: _common.pad_time(x, c)
+    to_chunks = lambda x: x.reshape(b, n, c, *x.shape[2:])
+    qc, kc, vc = (to_chunks(pad(x)) for x in (q, k, v))  # [B,N,C,H,K|V]
+    r = to_chunks(_common.reset_index(_common.pad_segment_ids(segment_ids, c), b, n * c))  # [B,N,C]
+    r_prev = jnp.concatenate([jnp.zeros((b, 1), r.dtype), r[:, :-1, -1]], axis=1)  # [B,N]
+    r_end = r[:, :, -1]  # [B,N]
+    same = (r[:, :, :, None] == r[:, :, None, :]) & jnp.tril(jnp.ones((c, c), bool))  # [B,N,C,C]
+    reach_q = (r == r_prev[..., None])[..., None, None]  # [B,N,C,1,1]: entering state reaches t
+    reach_k = (r == r_end[..., None])[..., None, None]  # [B,N,C,1,1]: s reaches the chunk end
+    carry = (r_end == r_prev)[..., None, None]  # [B,N,1,1]: entering state reaches the end
+
+    masked = lambda cond, x: jnp.where(cond, x, _common.MASKED_LOG)
+    if log_decay is None:
+        scores = jnp.einsum("bnthk,bnshk->bnhts", qc, kc) * same[:, :, None]
+        cum = jnp.zeros((b, n, c, h, 1), jnp.float32)
+    else:
+        g = to_chunks(pad(log_decay))  # [B,N,C,H] or [B,N,C,H,K]
+        cum = jnp.cumsum(g, axis=2)  # inclusive log decay from the chunk start
+        if g.ndim == 4:
+            seg = _common.segsum(jnp.moveaxis(g, 2, 3))  # [B,N,H,C,C]
+            weights = jnp.exp(masked(same[:, :, None], seg))
+            scores = jnp.einsum("bnthk,bnshk->bnhts", qc, kc) * weights
+            cum = cum[..., None]  # [B,N,C,H,1]: one decay for every key channel
+        else:
+            scores = _intra_per_channel(qc, kc, g, cum, same)
+    o_intra = jnp.einsum("bnhts,bnshv->bnthv", scores, vc)
+
+    cum_end = cum[:, :, -1]  # [B,N,H,Kd], Kd = 1 or K
+    q_in = qc * jnp.exp(masked(reach_q, cum))  # [B,N,C,H,K]: decay since the chunk start
+    k_out = kc * jnp.exp(masked(reach_k, cum_end[:, :, None] - cum))  # decay to the chunk end
+    chunk_decay = jnp.exp(masked(carry, cum_end))  # [B,N,H,Kd]
+    contribution = jnp.einsum("bnshk,bnshv->bnhkv", k_out, vc)  # [B,N,H,K,V]
+
+    def step(state, inputs):
+        decay, contrib = inputs  # [B,H,Kd], [B,H,K,V]
+        return state * decay[..., None] + contrib, state
+
+    state = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None
+             else initial_state.astype(jnp.float32))
+    state, entering = jax.lax.scan(
+        step, state, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(contribution, 1, 0)))
+    entering = jnp.moveaxis(entering, 0, 1)  # [B,N,H,K,V]: the state entering each chunk
+    o_inter = jnp.einsum("bnthk,bnhkv->bnthv", q_in, entering)
+    o = scale * (o_intra + o_inter).reshape(b, n * c, h, vd)[:, :t]
+    return o, state
+
+
+def _intra_per_channel(qc, kc, g, cum, same):
+    """Intra-chunk scores for per-key-channel decay, stable in log space.
+
+    ``scores[t, s] = sum_k q[t,k] k[s,k] exp(sum_{r=s+1..t} g[r,k])``. The chunk is
+    split into sub-chunks of ``SUBCHUNK`` steps: pairs inside one sub-chunk use
+    the full ``[c, c, K]`` decay tensor; a pair of sub-chunks ``i < j`` factors
+    the decay at the boundary ``e_i`` (the end of sub-chunk ``i``), which lies
+    between ``s`` and ``t``, so both factors ``exp(cum_t - cum_e)`` and
+    ``exp(cum_e - cum_s)`` are ``<= 1`` (as in flash-linear-attention's GLA).
+
+    Args:
+      qc, kc: ``[B,N,C,H,K]``. g, cum: ``[B,N,C,H,K]`` log decays and their
+        inclusive cumsum within each chunk. same: ``[B,N,C,C]`` visibility.
+    Returns:
+      ``[B,N,H,C,C]`` scores (rows t, columns s).
+    """
+    b, n, c, h, kd = qc.shape
+    sub = SUBCHUNK if c % SUBCHUNK == 0 else c
+    m = c // sub  # sub-chunks per chunk
+    split = lambda x: x.reshape(b, n, m, sub, *x.shape[3:])
+    qs, ks, gs, cs = (split(x) for x in (qc, kc, g, cum))  # [B,N,M,c,H,K]
+    same_blocks = same.reshape(b, n, m, sub, m, sub)  # [B,N,M(j),c(t),M(i),c(s)]
+
+    # Diagonal blocks: the full decay tensor inside each sub-chunk.
+    seg = _common.segsum(jnp.moveaxis(gs, 3, -1))  # [B,N,M,H,K,c,c]
+    diag_visible = jnp.moveaxis(jnp.diagonal(same_blocks, axis1=2, axis2=4), -1, 2)  # [B,N,M,c,c]
+    weights = jnp.exp(jnp.where(diag_visible[:, :, :, None, None], seg, _common.MASKED_LOG))
+    diag = jnp.einsum("bnjthk,bnjshk,bnjhkts->bnjhts", qs, ks, weights)  # [B,N,M,H,c,c]
+
+    # Off-diagonal blocks j > i, factored at the end of sub-chunk i.
+    boundary = cs[:, :, :, -1]  # [B,N,M(i),H,K]
+    lower = jnp.tril(jnp.ones((m, m), bool), -1)[:, None, :, None, None]  # [M(j),1,M(i),1,1]
+    q_exp = cs[:, :, :, :, None] - boundary[:, :, None, None]  # [B,N,M(j),c,M(i),H,K]
+    q_dec = qs[:, :, :, :, None] * jnp.exp(jnp.where(lower, q_exp, _common.MASKED_LOG))
+    k_dec = ks * jnp.exp(boundary[:, :, :, None] - cs)  # [B,N,M(i),c,H,K]
+    off = jnp.einsum("bnjtihk,bnishk->bnhjtis", q_dec, k_dec)  # [B,N,H,M,c,M,c]
+    off = off * same_blocks[:, :, None]
+
+    eye = jnp.eye(m, dtype=bool)[:, None, :, None]  # [M(j),1,M(i),1]
+    diag_full = jnp.einsum("bnjhts,ji->bnhjtis", diag, jnp.eye(m, dtype=diag.dtype))
+    blocks = jnp.where(eye, diag_full, off)  # [B,N,H,M,c,M,c]
+    return blocks.reshape(b, n, h, c, c)

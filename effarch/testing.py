@@ -1,0 +1,48 @@
+"""Numerical agreement helpers shared by tests, the demo and benchmarks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# DESIGN.md section 5: relative RMS error against the float32 reference.
+TOLERANCE = {"float32": 2e-3, "bfloat16": 1e-2, "float16": 1e-2}
+
+
+def relative_rmse(out, ref) -> float:
+    """``rmse(ref - out) / rms(ref)``, computed in float64 on the host."""
+    out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    if out.shape != ref.shape:
+        raise ValueError(f"shapes differ: out {out.shape} vs ref {ref.shape}")
+    err = np.sqrt(np.mean((out - ref) ** 2))
+    scale = np.sqrt(np.mean(ref**2))
+    if scale == 0.0:
+        return float(err)
+    return float(err / scale)
+
+
+def tolerance(dtype) -> float:
+    """The DESIGN.md tolerance for inputs of ``dtype``."""
+    return TOLERANCE[jnp.dtype(dtype).name]
+
+
+def assert_relative_close(out, ref, dtype=jnp.float32, name: str = "output") -> None:
+    """Asserts finite values and relative RMS error within the dtype's tolerance.
+
+    Works on pytrees: every leaf pair is compared and named in the message.
+    """
+    tol = tolerance(dtype)
+    out_leaves, out_tree = jax.tree_util.tree_flatten_with_path(out)
+    ref_leaves, ref_tree = jax.tree_util.tree_flatten_with_path(ref)
+    if len(out_leaves) != len(ref_leaves):
+        raise AssertionError(f"{name}: tree structures differ: {out_tree} vs {ref_tree}")
+    for (path, o), (_, r) in zip(out_leaves, ref_leaves):
+        where = name + jax.tree_util.keystr(path)
+        o_np = np.asarray(jnp.asarray(o, jnp.float32))
+        if not np.all(np.isfinite(o_np)):
+            raise AssertionError(f"{where}: non-finite values")
+        err = relative_rmse(o, r)
+        if not err <= tol:
+            raise AssertionError(f"{where}: relative RMS error {err:.3e} > {tol:.1e}")
