@@ -1,0 +1,128 @@
+"""Public linear-scan kernel: shape checks, padding, custom_vjp, dispatch.
+
+``h_t = a_t * h_{t-1} + x_t`` per channel. The forward kernel writes h (which
+the caller keeps anyway) and the final state; the backward kernel runs the
+adjoint recurrence in reverse time and reads ``h_{t-1}`` from the saved h, so
+nothing beyond the ``[B,T,D]`` output is stored. Segment starts are folded into
+the decay (``a = 0`` there) before the kernel, so the kernels never see ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from effarch.ops import _common
+from effarch.ops.linear_scan import check_inputs
+from pallas_kernels import _platform
+from pallas_kernels.linear_scan import gpu, tpu
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Tiling of the linear-scan kernels.
+
+    Attributes:
+      block_d: channels per GPU program (a power of 2). The TPU kernel always
+        uses ``tpu.LANES`` = 128 channels per block.
+      chunk: time rows per TPU grid step (a multiple of 8).
+    """
+
+    block_d: int = 64
+    chunk: int = 256
+
+    def __post_init__(self):
+        if self.block_d < 1 or self.block_d & (self.block_d - 1):
+            raise ValueError(f"block_d={self.block_d} must be a power of 2.")
+        if self.chunk < 8 or self.chunk % 8:
+            raise ValueError(f"chunk={self.chunk} must be a positive multiple of 8.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Config:
+    """Static choices of one call (hashable: a custom_vjp nondiff argument)."""
+
+    target: _platform.KernelTarget
+    block_sizes: BlockSizes
+
+    def forward(self, x, a, h0):
+        if self.target.backend == "gpu":
+            return gpu.forward(x, a, h0, block_d=self.block_sizes.block_d,
+                               interpret=self.target.interpret)
+        return tpu.forward(x, a, h0, chunk=self.block_sizes.chunk, interpret=self.target.interpret)
+
+    def backward(self, a, h, h0, dh, dfinal):
+        if self.target.backend == "gpu":
+            return gpu.backward(a, h, h0, dh, dfinal, block_d=self.block_sizes.block_d,
+                                interpret=self.target.interpret)
+        return tpu.backward(a, h, h0, dh, dfinal, chunk=self.block_sizes.chunk,
+                            interpret=self.target.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(config: _Config, x, a, h0):
+    return config.forward(x, a, h0)
+
+
+def _scan_fwd(config, x, a, h0):
+    h, final = config.forward(x, a, h0)
+    return (h, final), (a, h, h0)
+
+
+def _scan_bwd(config, residuals, cotangents):
+    a, h, h0 = residuals
+    dh, dfinal = cotangents
+    dx, da, dh0 = config.backward(a, h, h0, dh, dfinal.astype(jnp.float32))
+    return dx.astype(h.dtype), da.astype(a.dtype), dh0
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def linear_scan(
+    x,
+    a,
+    *,
+    initial_state=None,
+    segment_ids=None,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+):
+    """Pallas ``h_t = a_t * h_{t-1} + x_t``, differentiable in x, a and initial_state.
+
+    Args:
+      x, a: ``[B,T,D]``.
+      initial_state: optional ``[B,D]``.
+      segment_ids: optional ``[B,T]`` int; the state restarts from zero where
+        the id changes.
+      block_sizes: tiling; defaults to ``BlockSizes()``.
+      backend, interpret: kernel choice, see ``pallas_kernels._platform.resolve_target``.
+
+    Returns:
+      ``(h [B,T,D] in x's dtype, h_final [B,D] float32)``.
+    """
+    batch, time, channels = x.shape
+    check_inputs(x, a, initial_state, segment_ids)
+    config = _Config(
+        target=_platform.resolve_target(backend, interpret),
+        block_sizes=block_sizes or BlockSizes(),
+    )
+    reset = _common.segment_starts(segment_ids, batch, time)  # [B,T]
+    a = jnp.where(reset[..., None], jnp.zeros((), a.dtype), a)
+    if initial_state is None:
+        h0 = jnp.zeros((batch, channels), jnp.float32)
+    else:
+        h0 = initial_state.astype(jnp.float32)
+    if config.target.backend == "gpu":
+        block_d, chunk = config.block_sizes.block_d, 1
+    else:
+        block_d, chunk = tpu.LANES, config.block_sizes.chunk
+    # Padded steps have x = 0, a = 1: the state passes through unchanged.
+    x_p = _common.pad_time(_common.pad_time(x, block_d, axis=2), chunk)
+    a_p = _common.pad_time(_common.pad_time(a, block_d, axis=2), chunk, value=1)
+    h, final = _scan(config, x_p, a_p, _common.pad_time(h0, block_d))
+    return h[:, :time, :channels], final[:, :channels]

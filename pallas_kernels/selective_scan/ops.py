@@ -1,0 +1,142 @@
+"""Public selective-scan kernel: shape checks, padding, custom_vjp, dispatch.
+
+The forward kernel keeps the state in registers/VMEM and writes y, the final
+state, and the state at the start of every chunk of ``BlockSizes.chunk`` steps.
+The backward kernel recomputes each chunk's states from its checkpoint and runs
+the adjoint recurrence backwards through it, so activation memory is
+``O(B*T*D + B*D*N*T/chunk)``: ``[B,T,D,N]`` is never stored.
+Segment starts enter the kernels as ``keep [B,T]`` (0 where the state restarts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from effarch.ops import _common
+from effarch.ops.selective_scan import check_inputs
+from pallas_kernels import _platform
+from pallas_kernels.selective_scan import gpu, tpu
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Tiling of the selective-scan kernels.
+
+    Attributes:
+      block_d: channels per GPU program (a power of 2). The TPU kernel always
+        uses ``tpu.LANES`` = 128 channels per block.
+      chunk: steps between state checkpoints (the backward recomputes one
+        chunk at a time); on TPU also the time rows per grid step. A multiple of 8.
+    """
+
+    block_d: int = 32
+    chunk: int = 64
+
+    def __post_init__(self):
+        if self.block_d < 1 or self.block_d & (self.block_d - 1):
+            raise ValueError(f"block_d={self.block_d} must be a power of 2.")
+        if self.chunk < 8 or self.chunk % 8:
+            raise ValueError(f"chunk={self.chunk} must be a positive multiple of 8.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Config:
+    """Static choices of one call (hashable: a custom_vjp nondiff argument)."""
+
+    target: _platform.KernelTarget
+    block_sizes: BlockSizes
+    dt_softplus: bool
+
+    @property
+    def block_d(self) -> int:
+        return self.block_sizes.block_d if self.target.backend == "gpu" else tpu.LANES
+
+    def _kernel_kwargs(self):
+        kwargs = dict(dt_softplus=self.dt_softplus, chunk=self.block_sizes.chunk,
+                      interpret=self.target.interpret)
+        if self.target.backend == "gpu":
+            return gpu, dict(kwargs, block_d=self.block_sizes.block_d)
+        return tpu, kwargs
+
+    def forward(self, *args):
+        module, kwargs = self._kernel_kwargs()
+        return module.forward(*args, **kwargs)
+
+    def backward(self, *args):
+        module, kwargs = self._kernel_kwargs()
+        return module.backward(*args, **kwargs)
+
+
+ARG_NAMES = ("x", "dt", "z", "A", "dt_bias", "D", "B", "C", "onehot", "keep", "initial_state")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(config: _Config, x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0):
+    y, final, _ = config.forward(x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0)
+    return y, final
+
+
+def _scan_fwd(config, x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0):
+    y, final, checkpoints = config.forward(x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0)
+    return (y, final), (x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0, checkpoints)
+
+
+def _scan_bwd(config, residuals, cotangents):
+    *inputs, h0, checkpoints = residuals
+    dy, dfinal = cotangents
+    grads = config.backward(*inputs, checkpoints, dy, dfinal.astype(jnp.float32))
+    grads.update(onehot=jnp.zeros_like(inputs[8]), keep=jnp.zeros_like(inputs[9]))
+    primals = dict(zip(ARG_NAMES, (*inputs, h0)))
+    return tuple(
+        None if primals[n] is None else grads[n].astype(primals[n].dtype) for n in ARG_NAMES
+    )
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def _float32(v, shape):
+    """v in float32, or float32 zeros of ``shape`` when v is None."""
+    return jnp.zeros(shape, jnp.float32) if v is None else v.astype(jnp.float32)
+
+
+def selective_scan(
+    x, dt, A, B, C, D=None, z=None, *, dt_bias=None, dt_softplus: bool = True,
+    initial_state=None, segment_ids=None, block_sizes: BlockSizes | None = None,
+    backend: str | None = None, interpret: bool | None = None,
+):
+    """Pallas Mamba-1 selective scan, differentiable in every array argument.
+
+    Arguments and semantics as ``effarch.ops.selective_scan`` (x, dt, z
+    ``[B,T,D]``; A ``[D,N]``; B, C ``[B,T,G,N]``; D, dt_bias ``[D]``;
+    initial_state ``[B,D,N]``; segment_ids ``[B,T]`` int), plus:
+      block_sizes: tiling; defaults to ``BlockSizes()``.
+      backend, interpret: kernel choice, see ``pallas_kernels._platform.resolve_target``.
+
+    Returns:
+      ``(y [B,T,D] in x's dtype, h_final [B,D,N] float32)``.
+    """
+    dims = check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
+    batch, time, channels, state, groups = (dims[k] for k in "BTDNG")
+    config = _Config(
+        target=_platform.resolve_target(backend, interpret),
+        block_sizes=block_sizes or BlockSizes(),
+        dt_softplus=dt_softplus,
+    )
+    keep = 1.0 - _common.segment_starts(segment_ids, batch, time).astype(jnp.float32)
+    group = jnp.arange(channels) // (channels // groups)
+    onehot = (group[:, None] == jnp.arange(groups)).astype(jnp.float32)  # [D,G]
+    A, dt_bias, D = _float32(A, A.shape), _float32(dt_bias, (channels,)), _float32(D, (channels,))
+    initial_state = _float32(initial_state, (batch, channels, state))
+    # Padded channels have x = 0, A = 0 and no group: their state stays zero.
+    pad_d = functools.partial(_common.pad_time, multiple=config.block_d)
+    y, final = _scan(
+        config, pad_d(x, axis=2), pad_d(dt, axis=2), pad_d(z, axis=2), pad_d(A, axis=0),
+        pad_d(dt_bias, axis=0), pad_d(D, axis=0), B, C, pad_d(onehot, axis=0), keep,
+        pad_d(initial_state, axis=1),
+    )
+    return y[..., :channels], final[:, :channels]
