@@ -1,0 +1,478 @@
+"""The delta rule and its generalisations: DeltaNet, Gated DeltaNet, RWKV-7.
+
+Per head, with state ``S_t`` of shape ``[K, V]`` (float32):
+
+delta rule (DeltaNet, Schlag et al. 2021; Gated DeltaNet, Yang et al. 2024)::
+
+    S_t = exp(log_decay_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t = scale * S_t^T q_t
+
+generalized delta rule (diagonal plus rank one, RWKV-7 "Goose", Peng et al. 2025)::
+
+    S_t = diag(exp(log_decay_t)) S_{t-1} + a_t (b_t^T S_{t-1}) + k_t v_t^T
+    o_t = scale * S_t^T q_t
+
+The transition is not diagonal, so the chunked forms are not the masked dual
+of ``linear_attention``: the delta rule uses the WY / UT transform (Yang et al.
+2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence
+Length", section 3) with the gate of "Gated Delta Networks" (Yang, Kautz,
+Hatamizadeh 2024, section 3.3); the generalized rule solves for what each step
+reads from the state with the same kind of triangular system, per-channel
+decays included. ``segment_ids`` restart the state from zero where the id
+changes (``initial_state`` feeds only the first segment), as in every op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.lax import linalg
+
+from effarch.ops._common import (
+    MASKED_LOG,
+    check_dims,
+    check_segment_ids,
+    describe,
+    pad_time,
+    resolve_implementation,
+    segment_starts,
+    segsum,
+)
+from effarch.typing import Float, Keys, Queries, SegmentIds, State, Values, Array
+
+_DELTA_SUPPORTED = ("auto", "recurrent", "chunked")
+_GENERALIZED_SUPPORTED = ("auto", "recurrent", "chunked")
+
+Beta = Float[Array, "B T H"]
+ScalarLogDecay = Float[Array, "B T H"]
+ChannelLogDecay = Float[Array, "B T H K"]
+# One step of a recurrence: (state [B,H,K,V], inputs at step t) -> new state.
+Update = Callable[[jax.Array, tuple[jax.Array, ...]], jax.Array]
+
+
+def delta_rule(
+    q: Queries,
+    k: Keys,
+    v: Values,
+    beta: Beta,
+    log_decay: ScalarLogDecay | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: State | None = None,
+    return_final_state: bool = False,
+    segment_ids: SegmentIds | None = None,
+    chunk_size: int = 64,
+    implementation: str = "auto",
+) -> tuple[Values, State | None]:
+    """DeltaNet / Gated DeltaNet: ``S_t = g_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``.
+
+    ``g_t = exp(log_decay_t)`` (1 when ``log_decay`` is None) and
+    ``o_t = scale * S_t^T q_t``. Callers L2-normalise ``k`` (the op does not);
+    with ``|k_t| = 1`` and ``0 <= beta_t <= 2`` the transition is a contraction.
+
+    Args:
+      q: queries ``[B,T,H,K]``.
+      k: keys ``[B,T,H,K]``.
+      v: values ``[B,T,H,V]``.
+      beta: writing strengths ``[B,T,H]``.
+      log_decay: None (DeltaNet) or ``[B,T,H]`` (Gated DeltaNet), ``<= 0``.
+      scale: multiplies the readout; default ``K ** -0.5``.
+      initial_state: ``[B,H,K,V]`` float32, the state before step 0; zeros if None.
+      return_final_state: also return the state after the last step.
+      segment_ids: ``[B,T]`` int; the state restarts from zero where the id changes.
+      chunk_size: tokens per chunk of the chunked form (T is padded internally).
+      implementation: ``"recurrent"`` (``lax.scan`` over steps, the reference),
+        ``"chunked"`` (WY / UT transform inside chunks, scan across chunks) or
+        ``"auto"`` (chunked).
+
+    Returns:
+      ``(o, S)``: ``o [B,T,H,V]`` in ``v.dtype``; ``S [B,H,K,V]`` float32 or None.
+    """
+    op = "delta_rule"
+    dims: dict[str, int] = {}
+    check_dims(
+        op, dims, q=(q, "BTHK"), k=(k, "BTHK"), v=(v, "BTHV"), beta=(beta, "BTH"),
+        initial_state=(initial_state, "BHKV"),
+    )
+    if log_decay is not None:
+        if log_decay.ndim != 3:
+            raise ValueError(
+                f"{op}: {describe('log_decay', log_decay)}; expected None or "
+                f"[B,T,H] = [{dims['B']},{dims['T']},{dims['H']}] (one gate per "
+                "step and head; per-channel decay needs generalized_delta_rule)."
+            )
+        check_dims(op, dims, log_decay=(log_decay, "BTH"))
+    _check_common(op, q, segment_ids, chunk_size)
+    implementation = resolve_implementation(
+        op, implementation, _DELTA_SUPPORTED, lambda platform: "chunked"
+    )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if log_decay is None:
+        log_decay = jnp.zeros(beta.shape, jnp.float32)
+    if implementation == "recurrent":
+        o, state = _delta_rule_recurrent(
+            q, k, v, beta, log_decay, scale, initial_state, segment_ids
+        )
+    else:
+        o, state = _delta_rule_chunked(
+            q, k, v, beta, log_decay, scale, initial_state, segment_ids, chunk_size
+        )
+    return o, state if return_final_state else None
+
+
+def generalized_delta_rule(
+    q: Queries,
+    k: Keys,
+    v: Values,
+    a: Keys,
+    b: Keys,
+    log_decay: ChannelLogDecay,
+    *,
+    scale: float | None = None,
+    initial_state: State | None = None,
+    return_final_state: bool = False,
+    segment_ids: SegmentIds | None = None,
+    chunk_size: int = 16,
+    implementation: str = "auto",
+) -> tuple[Values, State | None]:
+    """Diagonal-plus-rank-one transition: ``S_t = (diag(w_t) + a_t b_t^T) S_{t-1} + k_t v_t^T``.
+
+    ``w_t = exp(log_decay_t)`` per key channel and ``o_t = scale * S_t^T q_t``.
+    The rank-one term acts on the undecayed ``S_{t-1}``.
+
+    RWKV-7 (Peng et al. 2025, the ``wkv7`` kernel of BlinkDL/RWKV-LM, whose
+    state is our ``S^T``) maps as: ``q = r``; ``k`` the modified key
+    ``k * (1 + (iclr - 1) * k_a)``; ``v = v``; ``a = -kappa_hat * iclr`` and
+    ``b = kappa_hat`` (``kappa_hat`` the L2-normalised removal key ``kk``,
+    ``iclr`` the in-context learning rate ``sigmoid(a0 + ...)``);
+    ``log_decay = -exp(-0.5) * sigmoid(w0 + w)`` (the log of RWKV-7's ``w``).
+    RWKV-7 reads out unscaled: its mixer passes ``scale=1.0`` explicitly; the
+    bonus ``(r . (k * r_k)) v`` is the mixer's, not this op's.
+
+    The delta rule is the case ``a = -exp(log_decay) * beta * k``, ``b = k``,
+    keys ``beta * k`` and ``log_decay`` broadcast over K.
+
+    Args:
+      q: queries ``[B,T,H,K]``.
+      k: keys ``[B,T,H,K]`` (written with ``v``).
+      v: values ``[B,T,H,V]``.
+      a: ``[B,T,H,K]``, the column of the rank-one term.
+      b: ``[B,T,H,K]``, the row of the rank-one term (what is read from S).
+      log_decay: ``[B,T,H,K]``, per key channel, ``<= 0``.
+      scale: multiplies the readout; default ``K ** -0.5`` like every op
+        (RWKV-7 passes 1.0).
+      initial_state: ``[B,H,K,V]`` float32, the state before step 0; zeros if None.
+      return_final_state: also return the state after the last step.
+      segment_ids: ``[B,T]`` int; the state restarts from zero where the id changes.
+      chunk_size: tokens per chunk of the chunked form (T is padded
+        internally). Default 16, not 64: the chunked form holds a ``[K]``
+        decay vector per pair of steps in a chunk, ``O(T C K)`` memory per head.
+      implementation: ``"recurrent"`` (``lax.scan`` over steps, the reference),
+        ``"chunked"`` (triangular solve inside chunks, scan across chunks) or
+        ``"auto"`` (chunked).
+
+    Returns:
+      ``(o, S)``: ``o [B,T,H,V]`` in ``v.dtype``; ``S [B,H,K,V]`` float32 or None.
+    """
+    op = "generalized_delta_rule"
+    check_dims(
+        op, {}, q=(q, "BTHK"), k=(k, "BTHK"), v=(v, "BTHV"), a=(a, "BTHK"),
+        b=(b, "BTHK"), log_decay=(log_decay, "BTHK"),
+        initial_state=(initial_state, "BHKV"),
+    )
+    _check_common(op, q, segment_ids, chunk_size)
+    implementation = resolve_implementation(
+        op, implementation, _GENERALIZED_SUPPORTED, lambda platform: "chunked"
+    )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if implementation == "recurrent":
+        o, state = _recurrent(
+            _generalized_update, (k, v, a, b, log_decay), q, scale, initial_state,
+            segment_ids, v.shape[-1], v.dtype,
+        )
+    else:
+        o, state = _generalized_chunked(
+            q, k, v, a, b, log_decay, scale, initial_state, segment_ids, chunk_size
+        )
+    return o, state if return_final_state else None
+
+
+def _check_common(op: str, q, segment_ids, chunk_size) -> None:
+    """Checks shared by both ops: segment ids and chunk size."""
+    batch, time = q.shape[:2]
+    check_segment_ids(segment_ids, batch, time)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size={chunk_size!r}; expected a positive int.")
+
+
+# --------------------------------------------------------------------------
+# Recurrent forms: one step at a time, float32 state. The reference truth.
+# --------------------------------------------------------------------------
+
+
+def _delta_update(state, step):
+    """``S <- g (S - beta k (k^T S)) + beta k v^T`` for one step, all heads."""
+    k, v, beta, log_decay = step  # [B,H,K], [B,H,V], [B,H], [B,H]
+    k_state = jnp.einsum("bhk,bhkv->bhv", k, state)  # [B,H,V]
+    beta = beta[..., None, None]
+    state = state - beta * k[..., :, None] * k_state[..., None, :]
+    state = jnp.exp(log_decay)[..., None, None] * state
+    return state + beta * k[..., :, None] * v[..., None, :]
+
+
+def _generalized_update(state, step):
+    """``S <- diag(w) S + a (b^T S) + k v^T`` for one step, all heads."""
+    k, v, a, b, log_decay = step  # [B,H,K] except v [B,H,V]
+    b_state = jnp.einsum("bhk,bhkv->bhv", b, state)  # [B,H,V]
+    state = jnp.exp(log_decay)[..., None] * state
+    state = state + a[..., :, None] * b_state[..., None, :]
+    return state + k[..., :, None] * v[..., None, :]
+
+
+def _recurrent(
+    update: Update, inputs, q, scale, initial_state, segment_ids, value_dim, out_dtype
+):
+    """Runs ``update`` step by step over time and reads out ``scale * S_t^T q_t``.
+
+    Args:
+      update: one step of the recurrence, ``(S [B,H,K,V], inputs_t) -> S``.
+      inputs: tuple of ``[B,T,H,...]`` arrays, sliced at each step for ``update``.
+      q: queries ``[B,T,H,K]``.
+      value_dim: V.
+      out_dtype: dtype of ``o``.
+    Returns:
+      ``o [B,T,H,V]`` in ``out_dtype`` and the final state ``[B,H,K,V]`` float32.
+    """
+    batch, time, heads, key_dim = q.shape
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+    starts = segment_starts(segment_ids, batch, time)  # [B,T]
+
+    def time_major(x):
+        return jnp.moveaxis(x.astype(jnp.float32), 1, 0)
+
+    def step(state, xs):
+        start, q_t, inputs_t = xs
+        state = jnp.where(start[:, None, None, None], 0.0, state)
+        state = update(state, inputs_t)
+        o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, state)  # [B,H,V]
+        return state, o_t
+
+    xs = (jnp.moveaxis(starts, 1, 0), time_major(q), tuple(map(time_major, inputs)))
+    final_state, o = jax.lax.scan(step, initial_state.astype(jnp.float32), xs)
+    return jnp.moveaxis(o, 0, 1).astype(out_dtype), final_state
+
+
+def _delta_rule_recurrent(q, k, v, beta, log_decay, scale, initial_state, segment_ids):
+    return _recurrent(
+        _delta_update, (k, v, beta, log_decay), q, scale, initial_state,
+        segment_ids, v.shape[-1], v.dtype,
+    )
+
+
+# --------------------------------------------------------------------------
+# Chunked form of the delta rule: WY / UT transform inside each chunk.
+# --------------------------------------------------------------------------
+
+
+def _to_chunks(arrays, segment_ids, chunk: int):
+    """Pads time to a multiple of ``chunk`` and splits it into chunks.
+
+    Args:
+      arrays: ``[B,T,H,...]`` arrays, padded with zeros (a step with zero key,
+        value, rank-one term and log decay leaves the state untouched).
+      segment_ids: ``[B,T]`` or None.
+      chunk: C.
+    Returns:
+      The arrays as float32 ``[B,N,H,C,...]``, and ``resets [B,N,C]``: the
+      number of segment starts in the chunk up to each step. Steps i, j of a
+      chunk interact iff their ``resets`` agree; step i sees the state entering
+      the chunk iff ``resets[i] == 0``.
+    """
+    batch, time = arrays[0].shape[:2]
+    n_chunks = -(-time // chunk)
+
+    def split(x):
+        x = pad_time(x.astype(jnp.float32), chunk)
+        return jnp.swapaxes(x.reshape(batch, n_chunks, chunk, *x.shape[2:]), 2, 3)
+
+    starts = pad_time(segment_starts(segment_ids, batch, time), chunk, value=False)
+    resets = jnp.cumsum(starts.reshape(batch, n_chunks, chunk), axis=-1)  # [B,N,C]
+    return tuple(map(split, arrays)), resets
+
+
+def _from_chunks(o, time: int, out_dtype):
+    """``[B,N,H,C,V]`` -> ``[B,T,H,V]`` in ``out_dtype``, padding dropped."""
+    batch, n_chunks, heads, chunk, value_dim = o.shape
+    o = jnp.swapaxes(o, 2, 3).reshape(batch, n_chunks * chunk, heads, value_dim)
+    return o[:, :time].astype(out_dtype)
+
+
+def _delta_rule_chunked(
+    q, k, v, beta, log_decay, scale, initial_state, segment_ids, chunk_size
+):
+    """The chunked delta rule, exact up to float rounding.
+
+    Within a chunk (positions i, j; ``G_i`` the cumulative log decay from the
+    chunk start; ``S_0`` the state entering the chunk) the state is
+
+        S_i = exp(G_i) S_0 + sum_{j<=i} exp(G_i - G_j) k_j u~_j^T,
+
+    with pseudo-values ``u~ = U - W S_0`` solving the unit lower triangular system
+
+        (I + A) [U | W] = diag(beta) [V | exp(G) K],
+        A[i, j] = beta_i (k_i . k_j) exp(G_i - G_j)   (j < i).
+
+    Then ``O = scale (exp(G) Q S_0 + (Q K^T o L) u~)`` with ``L[i, j] =
+    exp(G_i - G_j)`` for ``j <= i``, and the state leaving the chunk is
+    ``exp(G_C) S_0 + (exp(G_C - G) K)^T u~``. Every decay is an ``exp`` of a
+    masked log (``MASKED_LOG`` outside the causal, same-segment pairs), so
+    strong gates underflow to 0 instead of producing ``0 * inf``.
+    """
+    batch, time, heads, key_dim = q.shape
+    value_dim, out_dtype = v.shape[-1], v.dtype
+    chunk = min(chunk_size, time)
+    f32 = jnp.float32
+    (q, k, v, beta, log_decay), resets = _to_chunks(
+        (q, k, v, beta, log_decay), segment_ids, chunk
+    )  # [B,N,H,C,K], [B,N,H,C,K], [B,N,H,C,V], [B,N,H,C], [B,N,H,C]; [B,N,C]
+    same_segment = (resets[..., :, None] == resets[..., None, :])[:, :, None]  # [B,N,1,C,C]
+    sees_entry = (resets == 0)[:, :, None]  # [B,N,1,C]: no reset since chunk start
+
+    # Pair decays as sums of the log decays between the two steps, not as
+    # differences G_i - G_j of one cumsum: the differences' gradients reach
+    # ld_r through cancelling O(1) terms and lose the tiny true gradient of
+    # strongly gated steps in rounding error.
+    pair_log = jnp.where(same_segment, segsum(log_decay), MASKED_LOG)  # [B,N,H,C,C]
+    pair_decay = jnp.exp(pair_log)  # L: exp(G_i - G_j), 0 unless j <= i, same segment
+    cum_log = jnp.cumsum(log_decay, axis=-1)  # G [B,N,H,C]
+    entry_decay = jnp.exp(jnp.where(sees_entry, cum_log, MASKED_LOG))  # exp(G_i) [B,N,H,C]
+    exit_decay = pair_decay[..., -1, :]  # [B,N,H,C]: exp(G_C - G_j)
+    carry_decay = entry_decay[..., -1]  # [B,N,H]: exp(G_C)
+
+    strictly_lower = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+    kk = jnp.einsum("bnhik,bnhjk->bnhij", k, k)  # [B,N,H,C,C]
+    tri = jnp.where(strictly_lower, beta[..., :, None] * kk * pair_decay, 0.0)
+    tri = tri + jnp.eye(chunk, dtype=f32)  # I + A
+    rhs = beta[..., None] * jnp.concatenate(
+        [v, entry_decay[..., None] * k], axis=-1
+    )  # [B,N,H,C,V+K]
+    solved = linalg.triangular_solve(
+        tri, rhs, left_side=True, lower=True, unit_diagonal=True
+    )
+    u, w = solved[..., :value_dim], solved[..., value_dim:]  # [B,N,H,C,V], [B,N,H,C,K]
+    exit_keys = exit_decay[..., None] * k  # [B,N,H,C,K]
+
+    def across_chunks(state, xs):
+        u_n, w_n, exit_keys_n, carry_n = xs
+        pseudo_v = u_n - jnp.einsum("bhck,bhkv->bhcv", w_n, state)  # u~ [B,H,C,V]
+        new_state = carry_n[..., None, None] * state + jnp.einsum(
+            "bhck,bhcv->bhkv", exit_keys_n, pseudo_v
+        )
+        return new_state, (state, pseudo_v)
+
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, value_dim), f32)
+    chunk_major = (jnp.moveaxis(x, 1, 0) for x in (u, w, exit_keys, carry_decay))
+    final_state, (entry_states, pseudo_v) = jax.lax.scan(
+        across_chunks, initial_state.astype(f32), tuple(chunk_major)
+    )
+    entry_states = jnp.moveaxis(entry_states, 0, 1)  # [B,N,H,K,V]
+    pseudo_v = jnp.moveaxis(pseudo_v, 0, 1)  # [B,N,H,C,V]
+
+    scores = jnp.einsum("bnhik,bnhjk->bnhij", q, k) * pair_decay  # [B,N,H,C,C]
+    o = jnp.einsum("bnhck,bnhkv->bnhcv", entry_decay[..., None] * q, entry_states)
+    o = scale * (o + jnp.einsum("bnhij,bnhjv->bnhiv", scores, pseudo_v))
+    return _from_chunks(o, time, out_dtype), final_state
+
+
+# --------------------------------------------------------------------------
+# Chunked form of the generalized rule: diagonal plus rank one (DPLR).
+# --------------------------------------------------------------------------
+
+
+def _generalized_chunked(
+    q, k, v, a, b, log_decay, scale, initial_state, segment_ids, chunk_size
+):
+    """The chunked generalized delta rule, exact up to float rounding.
+
+    Within a chunk (``G_i [K]`` the cumulative log decay from the chunk start,
+    ``S_0`` the entering state, ``x_i = S_{i-1}^T b_i [V]`` what step i reads)
+
+        S_i = diag(exp(G_i)) S_0 + sum_{j<=i} diag(exp(G_i - G_j)) (a_j x_j^T + k_j v_j^T),
+
+    so the reads solve the unit lower triangular system
+
+        (I - M_ba) X = B~ S_0 + M_bk V,   B~_i = b_i * exp(G_{i-1}),
+        M_xy[i, j] = sum_c x_ic y_jc exp(G_{i-1,c} - G_{j,c})   (j < i),
+
+    i.e. ``X = W S_0 + U``. The output is ``O = scale ((Q * exp(G)) S_0 +
+    M_qa X + M_qk V)`` with ``M_qy`` using ``exp(G_i - G_j)`` for ``j <= i``.
+    Decays are per channel, so every pair holds a ``[K]`` vector of exact log
+    sums: memory ``O(T C K)`` per head, hence the small default chunk.
+    """
+    batch, time, heads, key_dim = q.shape
+    value_dim, out_dtype = v.shape[-1], v.dtype
+    chunk = min(chunk_size, time)
+    f32 = jnp.float32
+    (q, k, v, a, b, log_decay), resets = _to_chunks(
+        (q, k, v, a, b, log_decay), segment_ids, chunk
+    )  # [B,N,H,C,K] each but v [B,N,H,C,V]; [B,N,C]
+    same_segment = resets[..., :, None] == resets[..., None, :]  # [B,N,C,C]
+    same_segment = same_segment[:, :, None, None]  # [B,N,1,1,C,C]: over H and K
+    sees_entry = (resets == 0)[:, :, None, :, None]  # [B,N,1,C,1]
+
+    pair_sums = segsum(jnp.swapaxes(log_decay, -1, -2))  # [B,N,H,K,C,C]
+    # G_i - G_j for j <= i, and G_{i-1} - G_j for j < i (the row above), both as
+    # direct sums so that no gradient cancels.
+    incl = jnp.exp(jnp.where(same_segment, pair_sums, MASKED_LOG))
+    above = jnp.pad(pair_sums[..., :-1, :], [(0, 0)] * 4 + [(1, 0), (0, 0)],
+                    constant_values=MASKED_LOG)
+    excl = jnp.exp(jnp.where(same_segment, above, MASKED_LOG))
+    cum_log = jnp.cumsum(log_decay, axis=-2)  # G_i [B,N,H,C,K]
+    cum_log_before = jnp.pad(cum_log[..., :-1, :], [(0, 0)] * 3 + [(1, 0), (0, 0)])
+    entry_decay = jnp.exp(jnp.where(sees_entry, cum_log, MASKED_LOG))  # exp(G_i)
+    read_decay = jnp.exp(jnp.where(sees_entry, cum_log_before, MASKED_LOG))  # exp(G_{i-1})
+    exit_decay = jnp.swapaxes(incl[..., -1, :], -1, -2)  # exp(G_C - G_j) [B,N,H,C,K]
+    carry_decay = entry_decay[..., -1, :]  # exp(G_C) [B,N,H,K]
+
+    def pairs(x, y, decay):  # M_xy [B,N,H,C,C]
+        return jnp.einsum("bnhic,bnhjc,bnhcij->bnhij", x, y, decay)
+
+    tri = jnp.eye(chunk, dtype=f32) - pairs(b, a, excl)  # I - M_ba
+    rhs = jnp.concatenate(
+        [b * read_decay, jnp.einsum("bnhij,bnhjv->bnhiv", pairs(b, k, excl), v)], axis=-1
+    )  # [B~ | M_bk V]: [B,N,H,C,K+V]
+    solved = linalg.triangular_solve(
+        tri, rhs, left_side=True, lower=True, unit_diagonal=True
+    )
+    w, u = solved[..., :key_dim], solved[..., key_dim:]  # [B,N,H,C,K], [B,N,H,C,V]
+
+    def across_chunks(state, xs):
+        w_n, u_n, exit_a, exit_k, v_n, carry_n = xs
+        reads = u_n + jnp.einsum("bhck,bhkv->bhcv", w_n, state)  # X [B,H,C,V]
+        new_state = (
+            carry_n[..., None] * state
+            + jnp.einsum("bhck,bhcv->bhkv", exit_a, reads)
+            + jnp.einsum("bhck,bhcv->bhkv", exit_k, v_n)
+        )
+        return new_state, (state, reads)
+
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, value_dim), f32)
+    chunk_major = tuple(
+        jnp.moveaxis(x, 1, 0)
+        for x in (w, u, exit_decay * a, exit_decay * k, v, carry_decay)
+    )
+    final_state, (entry_states, reads) = jax.lax.scan(
+        across_chunks, initial_state.astype(f32), chunk_major
+    )
+    entry_states = jnp.moveaxis(entry_states, 0, 1)  # [B,N,H,K,V]
+    reads = jnp.moveaxis(reads, 0, 1)  # [B,N,H,C,V]
+
+    o = jnp.einsum("bnhck,bnhkv->bnhcv", entry_decay * q, entry_states)
+    o = o + jnp.einsum("bnhij,bnhjv->bnhiv", pairs(q, a, incl), reads)
+    o = scale * (o + jnp.einsum("bnhij,bnhjv->bnhiv", pairs(q, k, incl), v))
+    return _from_chunks(o, time, out_dtype), final_state
