@@ -42,6 +42,9 @@ class MixerConfig:
     # Named option sets, e.g. {"tiny": {...}} used by tests and docs; every
     # mixer defines at least "tiny" (a few thousand parameters, fast on CPU).
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {}}
+    # The op implementations this mixer accepts, the reference first ("auto" is
+    # always accepted too); tests check that all of them agree through the mixer.
+    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = ()
 
     d_model: int
     dtype: Any = jnp.float32

@@ -278,7 +278,7 @@ def _intra_per_channel(qc, kc, g, cum, same):
     ``scores[t, s] = sum_k q[t,k] k[s,k] exp(sum_{r=s+1..t} g[r,k])``. The chunk is
     split into sub-chunks of ``SUBCHUNK`` steps: pairs inside one sub-chunk use
     the full ``[c, c, K]`` decay tensor; a pair of sub-chunks ``i < j`` factors
-    the decay at the boundary ``e_i`` (the end of sub-chunk ``i``), which lies
+    the decay at the boundary ``e`` (the end of sub-chunk ``i``), which lies
     between ``s`` and ``t``, so both factors ``exp(cum_t - cum_e)`` and
     ``exp(cum_e - cum_s)`` are ``<= 1`` (as in flash-linear-attention's GLA).
 
@@ -291,26 +291,24 @@ def _intra_per_channel(qc, kc, g, cum, same):
     b, n, c, h, kd = qc.shape
     sub = SUBCHUNK if c % SUBCHUNK == 0 else c
     m = c // sub  # sub-chunks per chunk
-    split = lambda x: x.reshape(b, n, m, sub, *x.shape[3:])
-    qs, ks, gs, cs = (split(x) for x in (qc, kc, g, cum))  # [B,N,M,c,H,K]
-    same_blocks = same.reshape(b, n, m, sub, m, sub)  # [B,N,M(j),c(t),M(i),c(s)]
-
-    # Diagonal blocks: the full decay tensor inside each sub-chunk.
-    seg = _common.segsum(jnp.moveaxis(gs, 3, -1))  # [B,N,M,H,K,c,c]
-    diag_visible = jnp.moveaxis(jnp.diagonal(same_blocks, axis1=2, axis2=4), -1, 2)  # [B,N,M,c,c]
-    weights = jnp.exp(jnp.where(diag_visible[:, :, :, None, None], seg, _common.MASKED_LOG))
-    diag = jnp.einsum("bnjthk,bnjshk,bnjhkts->bnjhts", qs, ks, weights)  # [B,N,M,H,c,c]
-
-    # Off-diagonal blocks j > i, factored at the end of sub-chunk i.
-    boundary = cs[:, :, :, -1]  # [B,N,M(i),H,K]
-    lower = jnp.tril(jnp.ones((m, m), bool), -1)[:, None, :, None, None]  # [M(j),1,M(i),1,1]
-    q_exp = cs[:, :, :, :, None] - boundary[:, :, None, None]  # [B,N,M(j),c,M(i),H,K]
-    q_dec = qs[:, :, :, :, None] * jnp.exp(jnp.where(lower, q_exp, _common.MASKED_LOG))
-    k_dec = ks * jnp.exp(boundary[:, :, :, None] - cs)  # [B,N,M(i),c,H,K]
-    off = jnp.einsum("bnjtihk,bnishk->bnhjtis", q_dec, k_dec)  # [B,N,H,M,c,M,c]
-    off = off * same_blocks[:, :, None]
-
-    eye = jnp.eye(m, dtype=bool)[:, None, :, None]  # [M(j),1,M(i),1]
-    diag_full = jnp.einsum("bnjhts,ji->bnhjtis", diag, jnp.eye(m, dtype=diag.dtype))
-    blocks = jnp.where(eye, diag_full, off)  # [B,N,H,M,c,M,c]
-    return blocks.reshape(b, n, h, c, c)
+    split = lambda x, i: x[:, :, i * sub:(i + 1) * sub]  # [B,N,c,...]
+    rows = []
+    for j in range(m):  # query sub-chunk
+        row = []
+        for i in range(m):  # key sub-chunk
+            if i > j:
+                row.append(jnp.zeros((b, n, h, sub, sub), qc.dtype))
+            elif i == j:  # the full decay tensor inside one sub-chunk
+                seg = _common.segsum(jnp.moveaxis(split(g, j), 2, -1))  # [B,N,H,K,c,c]
+                weights = jnp.exp(jnp.where(jnp.tril(jnp.ones((sub, sub), bool)), seg,
+                                            _common.MASKED_LOG))
+                row.append(jnp.einsum("bnthk,bnshk,bnhkts->bnhts", split(qc, j), split(kc, i),
+                                      weights))
+            else:  # factored at the end of sub-chunk i: both exponents <= 0
+                boundary = cum[:, :, (i + 1) * sub - 1][:, :, None]  # [B,N,1,H,K]
+                q_dec = split(qc, j) * jnp.exp(split(cum, j) - boundary)
+                k_dec = split(kc, i) * jnp.exp(boundary - split(cum, i))
+                row.append(jnp.einsum("bnthk,bnshk->bnhts", q_dec, k_dec))
+        rows.append(jnp.concatenate(row, axis=-1))
+    scores = jnp.concatenate(rows, axis=-2)  # [B,N,H,C,C]
+    return scores * same[:, :, None]

@@ -1,0 +1,45 @@
+"""Prints the recurrent state size of every mixer at d_model=1024 with its default options.
+
+The size is counted from the mixer's own ``init_cache`` (``jax.eval_shape``,
+nothing is allocated): floating-point elements per sequence, per layer, so
+short-convolution windows are included and position counters are not; a
+complex element counts as two. Attention and Hyena caches grow with
+``max_len`` (given on the command line, default 2048); attention with a window
+keeps only the window.
+
+    python docs/mixer_state_sizes.py [max_len]
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from effarch import mixers
+
+D_MODEL = 1024
+
+
+def state_elements(name: str, d_model: int = D_MODEL, max_len: int = 2048, **options) -> int:
+    """Floating-point elements in ``init_cache(1, max_len)`` of mixer ``name``."""
+    mixer = mixers.build(name, d_model=d_model, **options)
+    cache = jax.eval_shape(lambda: mixer.init_cache(1, max_len, jnp.float32))
+    total = 0
+    for leaf in jax.tree.leaves(cache):
+        if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            total += 2 * leaf.size
+        elif jnp.issubdtype(leaf.dtype, jnp.floating):
+            total += leaf.size
+    return total
+
+
+def main(max_len: int) -> None:
+    print(f"| mixer | state elements at d_model={D_MODEL} (max_len={max_len}) |")
+    print("|---|---|")
+    for name in mixers.names():
+        print(f"| {name} | {state_elements(name, max_len=max_len):,} |")
+    print(f"| attention, window=512 | {state_elements('attention', max_len=max_len, window=512):,} |")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2048)

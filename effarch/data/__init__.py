@@ -1,0 +1,18 @@
+"""Data: the batch protocol, byte-level text corpora and packed, resumable loaders.
+
+    from effarch import data
+    corpus = data.load_corpus()                      # Python's stdlib sources
+    train, held_out = data.split(corpus, eval_fraction=0.05)
+    ds = data.PackedText(train, batch_size=16, seq_len=256, seed=0)
+    batch = ds.batch(step)                           # pure function of (seed, step)
+"""
+
+from effarch.data.loader import BATCH_KEYS, Batch, Dataset, PackedText, check_batch
+from effarch.data.text import (
+    DEFAULT_CORPUS, SEPARATOR, VOCAB_SIZE, Corpus, from_documents, load_corpus, split,
+)
+
+__all__ = [
+    "BATCH_KEYS", "Batch", "Corpus", "DEFAULT_CORPUS", "Dataset", "PackedText", "SEPARATOR",
+    "VOCAB_SIZE", "check_batch", "from_documents", "load_corpus", "split",
+]

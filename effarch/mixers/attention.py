@@ -1,0 +1,164 @@
+"""Causal softmax attention: MHA, GQA, MQA, sliding window, QK-norm, softcap.
+
+The unbounded-state limit of the one recurrence (DESIGN.md section 1): the
+"state" is the KV cache. ``num_kv_heads`` picks MHA (= num_heads), GQA or MQA
+(1; Shazeer, 2019; Ainslie et al., 2023). Rotary positions (Su et al., 2021),
+optional RMS QK-norm (Dehghani et al., 2023) and a tanh logit softcap
+(Gemma 2). ``window`` gives local attention: each query sees the ``window``
+most recent keys, itself included (Longformer / Mistral style).
+
+The decode cache holds the last ``L`` keys and values, ``L = window`` for local
+attention (memory O(window)) and ``L = max_len`` otherwise, in a rolling
+buffer: a call appends its ``T`` new keys to the ``L`` cached ones, attends
+over those ``L + T`` keys (the newest at the end, so ``ops.attention``'s
+end-aligned causal mask applies unchanged, slots never filled are masked out)
+and keeps the last ``L``. A sequence may not grow past ``max_len`` tokens
+without a window: older keys would silently drop out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effarch import ops
+from effarch.layers.norms import RMSNorm
+from effarch.layers.rotary import apply_rotary, rotary_dim, segment_positions
+from effarch.mixers import _recurrence as rec
+from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig(MixerConfig):
+    """Softmax attention options.
+
+    Attributes:
+      num_heads: query heads H.
+      num_kv_heads: key/value heads; divides ``num_heads`` (None: MHA, 1: MQA).
+      head_dim: per-head width (None: ``d_model / num_heads``).
+      window: sliding window in tokens, the query included (None: global).
+      rotary_base: base of the rotary frequencies.
+      rotary_fraction: share of each head's channels that are rotated (0: no
+        rotary embedding).
+      qk_norm: RMS-normalise q and k per head before the rotation.
+      softcap: ``c`` soft-caps logits to ``c * tanh(logit / c)`` (None: off).
+      use_bias: biases on the q, k, v projections.
+      chunk_size: block length of the ``"chunked"`` implementation.
+    """
+
+    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = ("xla", "chunked", "cudnn")
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": {"num_heads": 4, "num_kv_heads": 2, "chunk_size": 8},
+        "tiny_local": {"num_heads": 4, "num_kv_heads": 1, "window": 8, "qk_norm": True,
+                       "softcap": 30.0, "chunk_size": 8},
+        "gqa": {"num_heads": 16, "num_kv_heads": 4},
+    }
+
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    window: int | None = None
+    rotary_base: float = 10_000.0
+    rotary_fraction: float = 1.0
+    qk_norm: bool = False
+    softcap: float | None = None
+    use_bias: bool = False
+    chunk_size: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_heads < 1:
+            raise ValueError(f"attention: num_heads={self.num_heads}; expected >= 1.")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"attention: num_heads={self.num_heads} must divide d_model={self.d_model} "
+                             "when head_dim is None.")
+        if self.kv_heads < 1 or self.num_heads % self.kv_heads:
+            raise ValueError(f"attention: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}.")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"attention: window={self.window}; expected >= 1 or None.")
+        if not 0.0 <= self.rotary_fraction <= 1.0:
+            raise ValueError(f"attention: rotary_fraction={self.rotary_fraction}; expected 0 <= fraction <= 1.")
+        if self.softcap is not None and self.softcap <= 0:
+            raise ValueError(f"attention: softcap={self.softcap}; expected > 0 or None.")
+        if self.chunk_size < 1:
+            raise ValueError(f"attention: chunk_size={self.chunk_size}; expected >= 1.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+
+class KVCache(NamedTuple):
+    """Rolling KV cache; the newest entry is last.
+
+    Attributes:
+      k: ``[B,L,Hkv,K]`` rotated keys, ``L = window or max_len``.
+      v: ``[B,L,Hkv,K]`` values.
+      position: ``[]`` int32, tokens seen so far.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    position: jax.Array
+
+
+@register("attention", AttentionConfig)
+class Attention(Mixer):
+    """Causal softmax attention; see the module docstring."""
+
+    config: AttentionConfig
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+        cfg = self.config
+        length = max_len if cfg.window is None else min(cfg.window, max_len)
+        shape = (batch_size, length, cfg.kv_heads, cfg.dim_per_head)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), position=jnp.zeros((), jnp.int32))
+
+    @nn.compact
+    def __call__(self, x, cache=None, *, segment_ids=None):
+        cfg = self.config
+        check_decode_inputs("attention", x, cache, segment_ids, cfg.d_model)
+        h, hkv, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        x = x.astype(cfg.dtype)
+        t = x.shape[1]
+        q = rec.split_heads(self.proj(h * dh, "q_proj", use_bias=cfg.use_bias)(x), h)  # [B,T,H,K]
+        k = rec.split_heads(self.proj(hkv * dh, "k_proj", use_bias=cfg.use_bias)(x), hkv)  # [B,T,Hkv,K]
+        v = rec.split_heads(self.proj(hkv * dh, "v_proj", use_bias=cfg.use_bias)(x), hkv)
+        if cfg.qk_norm:
+            q = RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="q_norm")(q)
+            k = RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="k_norm")(k)
+        if cfg.rotary_fraction > 0 and rotary_dim(dh, cfg.rotary_fraction) > 0:
+            if cache is not None:
+                positions = cache.position + jnp.arange(t)  # [T]
+            elif segment_ids is not None:
+                positions = segment_positions(segment_ids)  # [B,T]
+            else:
+                positions = jnp.arange(t)
+            q = apply_rotary(q, positions, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
+            k = apply_rotary(k, positions, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
+
+        def attend(k, v, ids):
+            return ops.attention(q, k, v, causal=True, window=cfg.window, segment_ids=ids,
+                                 softcap=cfg.softcap, chunk_size=cfg.chunk_size,
+                                 implementation=cfg.implementation)
+
+        if cache is None:
+            o = attend(k, v, segment_ids)
+        else:
+            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)  # [B,L+T,Hkv,K]
+            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+            b, length = cache.k.shape[:2]
+            filled = jnp.minimum(cache.position, length)
+            slot_used = jnp.arange(length + t) >= length - filled  # [L+T]: never-filled slots are masked
+            ids = (jnp.ones((b, t), jnp.int32), jnp.broadcast_to(slot_used.astype(jnp.int32), (b, length + t)))
+            o = attend(keys.astype(q.dtype), values.astype(q.dtype), ids)
+            cache = KVCache(k=keys[:, t:], v=values[:, t:], position=cache.position + t)
+        return self.proj(cfg.d_model, "o_proj")(rec.merge_heads(o)), cache

@@ -1,0 +1,103 @@
+"""HGRN-2 (Qin et al., 2024, "HGRN2: Gated Linear RNNs with State Expansion").
+
+HGRN's element-wise forget gate ``f_t`` expanded to an outer product: per head,
+with ``E = expand_ratio`` forget channels (paper sec. 3, eq. 4)::
+
+    f_t = beta + (1 - beta) sigmoid(W_f x_t)       (beta: the layer's lower bound)
+    S_t = diag(f_t) S_{t-1} + (1 - f_t) i_t^T,     o_t = S_t^T swish(W_q x_t) / sqrt(E)
+
+so the input gate is tied to the forget gate (``k = 1 - f``), the state is
+``[E, D/H]`` per head and ``log_decay = log f`` varies per key channel. The
+output is ``W_O RMSNorm(o)``. HGRN stacks layers with a lower bound ``beta``
+that grows with depth; a model passes each layer's ``lower_bound``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effarch.layers.norms import RMSNorm
+from effarch.mixers import _recurrence as rec
+from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HGRN2Config(MixerConfig):
+    """HGRN-2 options.
+
+    Attributes:
+      expand_ratio: forget channels E per head (state expansion; paper: 128);
+        there are ``H = D / E`` heads, each with a ``[E, D/H]`` state.
+      lower_bound: ``beta`` in ``[0, 1)``, the smallest forget-gate value of
+        this layer (0 for the first layer, larger deeper in the stack).
+      chunk_size: chunk length of the chunked form of the op.
+    """
+
+    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = rec.LINEAR_ATTENTION_IMPLEMENTATIONS
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": {"expand_ratio": 8, "lower_bound": 0.5, "chunk_size": 8},
+        "paper": {"expand_ratio": 128},
+    }
+
+    expand_ratio: int = 128
+    lower_bound: float = 0.0
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.expand_ratio < 1 or self.d_model % self.expand_ratio:
+            raise ValueError(f"hgrn2: expand_ratio={self.expand_ratio} must divide d_model={self.d_model}.")
+        if not 0.0 <= self.lower_bound < 1.0:
+            raise ValueError(f"hgrn2: lower_bound={self.lower_bound}; expected 0 <= lower_bound < 1.")
+        if self.chunk_size < 1:
+            raise ValueError(f"hgrn2: chunk_size={self.chunk_size}; expected >= 1.")
+
+    @property
+    def num_heads(self) -> int:
+        return self.d_model // self.expand_ratio
+
+
+def forget_gate(logits: jax.Array, lower_bound: float) -> tuple[jax.Array, jax.Array]:
+    """``(log f, 1 - f)`` with ``f = beta + (1 - beta) sigmoid(logits)``, float32.
+
+    For ``beta = 0`` the log is ``logsigmoid`` and ``1 - f = sigmoid(-logits)``,
+    both exact where ``f`` rounds to 1.
+    """
+    logits = logits.astype(jnp.float32)
+    if lower_bound == 0.0:
+        return jax.nn.log_sigmoid(logits), jax.nn.sigmoid(-logits)
+    f = lower_bound + (1.0 - lower_bound) * jax.nn.sigmoid(logits)
+    return jnp.log(f), (1.0 - lower_bound) * jax.nn.sigmoid(-logits)
+
+
+@register("hgrn2", HGRN2Config)
+class HGRN2(Mixer):
+    """HGRN-2; see the module docstring."""
+
+    config: HGRN2Config
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> rec.RecurrentCache:
+        cfg = self.config
+        h = cfg.num_heads
+        return rec.empty_cache(batch_size, h, cfg.expand_ratio, cfg.d_model // h, dtype=dtype)
+
+    @nn.compact
+    def __call__(self, x, cache=None, *, segment_ids=None):
+        cfg = self.config
+        check_decode_inputs("hgrn2", x, cache, segment_ids, cfg.d_model)
+        h = cfg.num_heads
+        x = x.astype(cfg.dtype)
+        q = jax.nn.silu(self.proj(cfg.d_model, "q_proj")(x))  # [B,T,H*E]
+        log_f, one_minus_f = forget_gate(self.proj(cfg.d_model, "f_proj")(x), cfg.lower_bound)
+        i = self.proj(cfg.d_model, "i_proj")(x)  # [B,T,D]
+        o, cache = rec.run_linear_attention(
+            rec.split_heads(q, h), rec.split_heads(one_minus_f.astype(cfg.dtype), h), rec.split_heads(i, h),
+            rec.split_heads(log_f, h), cache=cache, segment_ids=segment_ids, chunk_size=cfg.chunk_size,
+            implementation=cfg.implementation)
+        o = RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(rec.merge_heads(o))
+        return self.proj(cfg.d_model, "o_proj")(o), cache

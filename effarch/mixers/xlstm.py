@@ -1,0 +1,282 @@
+"""mLSTM, the matrix-memory cell of xLSTM (Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory").
+
+Per head, with matrix memory ``C_t [K,V]``, normaliser ``n_t [K]`` and the
+exponential input gate ``i_t = exp(ĩ_t)``, forget gate ``f_t = sigmoid(f̃_t)``
+(paper section 2.3)::
+
+    C_t = f_t C_{t-1} + i_t k_t v_t^T
+    n_t = f_t n_{t-1} + i_t k_t
+    h_t = o_t ⊙ (C_t^T q_t) / max(|n_t^T q_t|, 1)
+
+``exp(ĩ_t)`` overflows quickly, so the cell carries a stabiliser
+``m_t = max(log f_t + m_{t-1}, ĩ_t)`` and the scaled states ``C̃_t = C_t e^{-m_t}``,
+``ñ_t = n_t e^{-m_t}``::
+
+    C̃_t = exp(log f_t + m_{t-1} - m_t) C̃_{t-1} + exp(ĩ_t - m_t) k_t v_t^T
+    h_t = o_t ⊙ (C̃_t^T q_t) / max(|ñ_t^T q_t|, exp(-m_t))
+
+Both exponents are ``<= 0``, so the stabilised cell is one call of
+``ops.linear_attention`` with ``log_decay = log f + m_{t-1} - m_t`` and keys
+scaled by ``exp(ĩ - m)``; appending a column of ones to ``v`` makes the same
+call produce ``ñ_t^T q_t``. The result does not depend on ``m`` (it cancels),
+so ``m`` is held constant under differentiation.
+
+The layer is the paper's mLSTM block (pre-norm left to the model):
+up-projection to two branches of width ``proj_factor * D``; causal conv + SiLU
+feeding ``q`` and ``k``; ``v`` from the un-convolved branch; gates from
+``[q, k, v]``; per-head LayerNorm; a learnable skip from the conv branch; the
+output gate ``o = silu(z)`` from the second branch; down-projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effarch import ops
+from effarch.layers.conv import ShortConv, init_conv_state
+from effarch.layers.norms import HeadNorm
+from effarch.mixers._recurrence import LINEAR_ATTENTION_IMPLEMENTATIONS, merge_heads, split_heads
+from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
+from effarch.ops._common import segment_starts
+
+# Initial value of the stabiliser m for an empty state (and at a segment start).
+M_INIT = 0.0
+# Forget-gate bias initialisation range (xLSTM: linspace(3, 6) over heads).
+FORGET_BIAS_RANGE = (3.0, 6.0)
+# Input-gate bias initialisation std (xLSTM: normal(0, 0.1)).
+INPUT_BIAS_STD = 0.1
+# Smallest denominator, guarding 0/0 when exp(-m) underflows (m > 87).
+DENOMINATOR_FLOOR = float(jnp.finfo(jnp.float32).tiny)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLSTMConfig(MixerConfig):
+    """mLSTM block options.
+
+    Attributes:
+      num_heads: heads H; ``inner = proj_factor * d_model`` splits into H heads
+        of size ``K = V = inner / H``.
+      proj_factor: width of each up-projected branch relative to ``d_model``.
+      conv_kernel: taps of the causal convolution feeding ``q`` and ``k``.
+      chunk_size: chunk length of the chunked ``linear_attention``.
+    """
+
+    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = LINEAR_ATTENTION_IMPLEMENTATIONS
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": {"num_heads": 2, "proj_factor": 2.0, "conv_kernel": 4, "chunk_size": 8},
+    }
+
+    num_heads: int = 4
+    proj_factor: float = 2.0
+    conv_kernel: int = 4
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        inner = self.inner_dim
+        if self.num_heads < 1 or inner % self.num_heads:
+            raise ValueError(
+                f"mlstm: num_heads={self.num_heads} must be positive and divide "
+                f"inner = round(proj_factor * d_model) = round({self.proj_factor} * {self.d_model}) = {inner}."
+            )
+        if self.conv_kernel < 1:
+            raise ValueError(f"mlstm: conv_kernel={self.conv_kernel}; expected >= 1.")
+        if self.chunk_size < 1:
+            raise ValueError(f"mlstm: chunk_size={self.chunk_size}; expected >= 1.")
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of each up-projected branch."""
+        return int(round(self.proj_factor * self.d_model))
+
+    @property
+    def head_dim(self) -> int:
+        return self.inner_dim // self.num_heads
+
+
+class MLSTMState(NamedTuple):
+    """The cell's recurrent state (float32).
+
+    Attributes:
+      C: ``[B,H,K,V]`` stabilised matrix memory ``C̃``.
+      n: ``[B,H,K]`` stabilised normaliser ``ñ``.
+      m: ``[B,H]`` stabiliser.
+    """
+
+    C: jax.Array
+    n: jax.Array
+    m: jax.Array
+
+
+class MLSTMCache(NamedTuple):
+    """Decode cache of the mLSTM block.
+
+    Attributes:
+      conv: ``[B,W-1,inner]`` last inputs of the causal convolution.
+      cell: the cell state.
+    """
+
+    conv: jax.Array
+    cell: MLSTMState
+
+
+def empty_state(batch_size: int, num_heads: int, key_dim: int, value_dim: int) -> MLSTMState:
+    """An empty cell state: zero memory and normaliser, ``m = M_INIT``."""
+    return MLSTMState(
+        C=jnp.zeros((batch_size, num_heads, key_dim, value_dim), jnp.float32),
+        n=jnp.zeros((batch_size, num_heads, key_dim), jnp.float32),
+        m=jnp.full((batch_size, num_heads), M_INIT, jnp.float32),
+    )
+
+
+def stabilizer(log_f: jax.Array, i_pre: jax.Array, m0: jax.Array, segment_ids=None) -> jax.Array:
+    """``m_t = max(log f_t + m_{t-1}, ĩ_t)`` for every step, by an associative scan.
+
+    Steps compose in the max-plus semiring: ``m -> max(m + a, b)`` after
+    ``m -> max(m + a', b')`` is ``m -> max(m + a' + a, max(b' + a, b))``. A
+    segment start restarts from ``m = M_INIT``.
+
+    Args:
+      log_f: ``[B,T,H]`` log forget gates.
+      i_pre: ``[B,T,H]`` input-gate pre-activations ĩ.
+      m0: ``[B,H]`` stabiliser before step 0.
+      segment_ids: optional ``[B,T]`` int ids of packed sequences.
+
+    Returns:
+      ``m [B,T,H]`` float32.
+    """
+    b, t, _ = log_f.shape
+    start = segment_starts(segment_ids, b, t)[..., None]  # [B,T,1]
+    add = jnp.where(start, -jnp.inf, log_f)
+    floor = jnp.where(start, jnp.maximum(log_f + M_INIT, i_pre), i_pre)
+
+    def combine(left, right):
+        a_l, b_l = left
+        a_r, b_r = right
+        return a_l + a_r, jnp.maximum(b_l + a_r, b_r)
+
+    total, best = jax.lax.associative_scan(combine, (add, floor), axis=1)
+    return jnp.maximum(total + m0[:, None], best)
+
+
+def mlstm_cell(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    i_pre: jax.Array,
+    f_pre: jax.Array,
+    *,
+    state: MLSTMState | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+    implementation: str = "auto",
+) -> tuple[jax.Array, MLSTMState | None]:
+    """The max-stabilised mLSTM cell over a sequence, before the output gate.
+
+    Args:
+      q, k: ``[B,T,H,K]`` queries and keys (``q.k`` is scaled by ``K**-0.5``).
+      v: ``[B,T,H,V]`` values.
+      i_pre: ``[B,T,H]`` input-gate pre-activations (``i = exp(i_pre)``).
+      f_pre: ``[B,T,H]`` forget-gate pre-activations (``f = sigmoid(f_pre)``).
+      state: the state before step 0, or None for an empty one.
+      segment_ids: optional ``[B,T]`` int ids of packed sequences.
+      chunk_size, implementation: passed to ``ops.linear_attention``.
+
+    Returns:
+      ``h [B,T,H,V]`` float32 (``(C^T q) / max(|n^T q|, 1)`` per head) and the
+      state after the last step (None when ``state`` was None).
+    """
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    start_state = empty_state(b, h, kd, vd) if state is None else state
+    log_f = jax.nn.log_sigmoid(f_pre.astype(jnp.float32))  # [B,T,H]
+    i_pre = i_pre.astype(jnp.float32)
+    frozen = jax.lax.stop_gradient
+    m = stabilizer(frozen(log_f), frozen(i_pre), frozen(start_state.m), segment_ids)  # [B,T,H]
+    m_prev = jnp.concatenate([start_state.m[:, None], m[:, :-1]], axis=1)
+    m_prev = jnp.where(segment_starts(segment_ids, b, t)[..., None], M_INIT, m_prev)
+    log_decay = log_f + m_prev - m  # <= 0
+    k_scaled = k * jnp.exp(i_pre - m)[..., None].astype(k.dtype)  # exp(ĩ - m) <= 1
+    ones = jnp.ones((b, t, h, 1), v.dtype)
+    initial = jnp.concatenate([start_state.C, start_state.n[..., None]], axis=-1)  # [B,H,K,V+1]
+    out, final = ops.linear_attention(
+        q, k_scaled, jnp.concatenate([v, ones], axis=-1), log_decay,
+        scale=kd**-0.5, initial_state=initial, return_final_state=state is not None,
+        segment_ids=segment_ids, chunk_size=chunk_size, implementation=implementation,
+    )
+    out = out.astype(jnp.float32)
+    numerator, normalizer = out[..., :vd], out[..., vd]  # C̃^T q [B,T,H,V], ñ^T q [B,T,H]
+    denominator = jnp.maximum(jnp.maximum(jnp.abs(normalizer), jnp.exp(-m)), DENOMINATOR_FLOOR)
+    hidden = numerator / denominator[..., None]
+    if state is None:
+        return hidden, None
+    return hidden, MLSTMState(C=final[..., :vd], n=final[..., vd], m=m[:, -1])
+
+
+@register("mlstm", MLSTMConfig)
+class MLSTM(Mixer):
+    """The xLSTM mLSTM block: ``x [B,T,D] -> y [B,T,D]``.
+
+    The cache (:class:`MLSTMCache`) holds the conv inputs and the cell state
+    ``(C̃, ñ, m)``.
+    """
+
+    config: MLSTMConfig
+
+    @nn.compact
+    def __call__(self, x, cache: MLSTMCache | None = None, *, segment_ids=None):
+        cfg = self.config
+        check_decode_inputs("mlstm", x, cache, segment_ids, cfg.d_model)
+        inner, heads = cfg.inner_dim, cfg.num_heads
+        x = x.astype(cfg.dtype)
+        up = self.proj(2 * inner, "up_proj")(x)
+        x_m, z = jnp.split(up, 2, axis=-1)  # [B,T,inner] each
+        x_c, conv_state = ShortConv(
+            kernel_size=cfg.conv_kernel, activation="silu", dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, name="conv",
+        )(x_m, None if cache is None else cache.conv, segment_ids=segment_ids)
+        q = self.proj(inner, "q_proj")(x_c)
+        k = self.proj(inner, "k_proj")(x_c)
+        v = self.proj(inner, "v_proj")(x_m)
+        qkv = jnp.concatenate([q, k, v], axis=-1)  # [B,T,3 inner]
+        zeros = nn.initializers.zeros
+        i_pre = self.proj(heads, "igate", kernel_init=zeros)(qkv).astype(jnp.float32)
+        f_pre = self.proj(heads, "fgate", kernel_init=zeros)(qkv).astype(jnp.float32)
+        i_bias = self.param("igate_bias", nn.initializers.normal(INPUT_BIAS_STD), (heads,), cfg.param_dtype)
+        f_bias = self.param("fgate_bias", _linspace_init(*FORGET_BIAS_RANGE), (heads,), cfg.param_dtype)
+        hidden, cell = mlstm_cell(
+            split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
+            i_pre + i_bias.astype(jnp.float32), f_pre + f_bias.astype(jnp.float32),
+            state=None if cache is None else cache.cell, segment_ids=segment_ids,
+            chunk_size=cfg.chunk_size, implementation=cfg.implementation,
+        )
+        hidden = HeadNorm(kind="layer", dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(hidden)
+        skip = self.param("skip", nn.initializers.ones, (inner,), cfg.param_dtype)
+        hidden = merge_heads(hidden) + skip.astype(cfg.dtype) * x_c
+        y = self.proj(cfg.d_model, "down_proj")(hidden * jax.nn.silu(z))
+        if cache is None:
+            return y, None
+        return y, MLSTMCache(conv=conv_state, cell=cell)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> MLSTMCache:
+        """An empty cache; its size does not depend on ``max_len``."""
+        cfg = self.config
+        return MLSTMCache(
+            conv=init_conv_state(batch_size, cfg.conv_kernel, cfg.inner_dim, dtype),
+            cell=empty_state(batch_size, cfg.num_heads, cfg.head_dim, cfg.head_dim),
+        )
+
+
+def _linspace_init(low: float, high: float):
+    """Initialiser filling a 1-D parameter with ``linspace(low, high)``."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.linspace(low, high, shape[0], dtype=dtype)
+
+    return init

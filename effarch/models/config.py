@@ -1,0 +1,339 @@
+"""``LMConfig``: the language-model backbone as one validated, hashable dataclass.
+
+A model is ``n_layers`` pre-norm residual blocks, each a sequence mixer and an
+MLP. Which mixer a layer uses is given by a *pattern* of letters, e.g.
+``"MMMA"`` (three Mamba-2 layers, then attention), tiled to ``n_layers``; or by
+``attention_ratio``, the fraction of layers that are attention, spread evenly.
+``mixers`` maps each letter to a registered mixer name and its options.
+See docs/models.md for every field and the presets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import jax.numpy as jnp
+from flax.core import FrozenDict
+
+from effarch import mixers as mixers_lib
+from effarch.layers.linear import PROJECTIONS
+from effarch.layers.mlp import default_width
+from effarch.layers.moe import MoEConfig
+from effarch.mixers.base import MixerConfig
+
+MLP_KINDS = ("swiglu", "moe", "none")
+
+# Letter -> (registered mixer name, options). ``LMConfig.mixers`` is merged
+# over this, so a config only names the letters it changes.
+DEFAULT_MIXERS = {
+    "A": ("attention", {}),
+    "M": ("mamba2", {}),
+    "S": ("mamba", {}),
+    "G": ("gla", {}),
+    "H": ("hgrn2", {}),
+    "L": ("linear_attention", {}),
+    "R": ("retnet", {}),
+    "X": ("mlstm", {}),
+    "D": ("gated_deltanet", {}),
+    "K": ("rwkv6", {}),
+    "V": ("rwkv7", {}),
+    "Q": ("rglru", {}),
+}
+# The letters ``attention_ratio`` lays out: attention and everything else.
+ATTENTION_LETTER = "A"
+RECURRENT_LETTER = "M"
+
+
+class LayerSpec(NamedTuple):
+    """What one layer is: its pattern letter, its mixer's config, whether MoD routes it."""
+
+    letter: str
+    mixer: MixerConfig
+    mod: bool
+
+
+def _freeze(value: Any) -> Any:
+    """Dicts to FrozenDict and lists to tuples, recursively, so configs hash."""
+    if isinstance(value, Mapping):
+        return FrozenDict({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """The inverse of :func:`_freeze` for JSON: mappings to dicts, tuples to lists."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def attention_layout(n_layers: int, attention_ratio: float) -> str:
+    """``round(ratio * n_layers)`` attention letters spread evenly, the rest recurrent.
+
+    Layer i is attention when ``floor((i + 1) * a / L) > floor(i * a / L)``, so
+    attention layers close each group, e.g. ``(8, 0.25) -> "MMMAMMMA"``.
+    """
+    a = round(attention_ratio * n_layers)
+    return "".join(
+        ATTENTION_LETTER if (i + 1) * a // n_layers > i * a // n_layers else RECURRENT_LETTER
+        for i in range(n_layers)
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMConfig:
+    """The language model: sizes, layer pattern, mixers, MLP, MoE/MoD, dtypes.
+
+    Attributes:
+      vocab_size: number of token ids (256 for bytes).
+      d_model: residual width D.
+      n_layers: number of blocks L.
+      pattern: layer letters, tiled to ``n_layers`` (its length must divide
+        ``n_layers``), e.g. ``"MMMA"``. Exactly one of ``pattern`` and
+        ``attention_ratio`` is set.
+      attention_ratio: fraction of layers that are attention (letter ``A``),
+        spread evenly; the others are letter ``M``.
+      mixers: letter -> ``(mixer name, options)``; merged over
+        ``DEFAULT_MIXERS`` (A attention, M mamba2, S mamba, G gla, H hgrn2,
+        L linear_attention, R retnet, X mlstm, D gated_deltanet, K rwkv6,
+        V rwkv7, Q rglru). Only letters the pattern uses are built.
+      mixer_preset: a named option set of every mixer's config (e.g. ``"tiny"``),
+        under the options above.
+      layer_options: layer index -> mixer options overriding that layer only.
+      mlp: ``"swiglu"``, ``"moe"`` or ``"none"`` (mixer-only blocks).
+      d_ff: MLP hidden width; None: ``8/3 * d_model`` rounded up to 32.
+      moe: MoE options (used when ``mlp == "moe"``); a MoEConfig or a mapping.
+      mod_capacity: Mixture-of-Depths: fraction of tokens per sequence the
+        routed layers process; None disables MoD.
+      mod_every: with MoD on, layers ``i`` with ``i % mod_every == mod_every - 1``
+        are routed (every other layer by default, as in the paper).
+      tie_embeddings: the output projection is the transposed embedding.
+      scan_layers: run repeated groups of layers with ``nn.scan`` (one
+        compiled group; parameters stacked on a leading "layers" axis).
+      remat: rematerialise each block in the backward pass (``nn.remat``).
+      norm_eps: RMSNorm epsilon.
+      dtype: compute dtype of activations.
+      param_dtype: dtype parameters are stored in.
+      projection: ``"dense"`` or ``"bitlinear"`` for the mixers' and MLPs'
+        projections (embeddings and the output head stay dense).
+      implementation: passed to every mixer (``"auto"``, ``"chunked"``, ...).
+      max_len: longest sequence the model is meant for; the default decode
+        cache length.
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # Tests: two layers of everything, a few thousand parameters per mixer.
+        "tiny": dict(vocab_size=256, d_model=32, n_layers=2, pattern="MA", d_ff=64,
+                     mixer_preset="tiny", max_len=128),
+        # Byte-level text on a laptop CPU: falls clearly within minutes.
+        "cpu-small": dict(vocab_size=256, d_model=128, n_layers=4, pattern="MMMA", d_ff=384,
+                          mixers={"A": ("attention", {"num_heads": 4, "chunk_size": 64}),
+                                  "M": ("mamba2", {"d_state": 32, "head_dim": 32, "chunk_size": 64})},
+                          max_len=512),
+        # ~100M parameters, bf16 compute, scanned layers: one GPU.
+        "gpu-base": dict(vocab_size=256, d_model=768, n_layers=12, pattern="MMMA", d_ff=2048,
+                         mixers={"A": ("attention", {"num_heads": 12}),
+                                 "M": ("mamba2", {"d_state": 128, "head_dim": 64})},
+                         dtype=jnp.bfloat16, scan_layers=True, max_len=2048),
+    }
+
+    vocab_size: int = 256
+    d_model: int
+    n_layers: int
+    pattern: str | None = None
+    attention_ratio: float | None = None
+    mixers: Mapping[str, tuple[str, Mapping[str, Any]]] = dataclasses.field(default_factory=dict)
+    mixer_preset: str | None = None
+    layer_options: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    mlp: str = "swiglu"
+    d_ff: int | None = None
+    moe: MoEConfig = MoEConfig()
+    mod_capacity: float | None = None
+    mod_every: int = 2
+    tie_embeddings: bool = True
+    scan_layers: bool = False
+    remat: bool = False
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    projection: str = "dense"
+    implementation: str = "auto"
+    max_len: int = 2048
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> LMConfig:
+        """The named preset (``"tiny"``, ``"cpu-small"``, ``"gpu-base"``) with ``overrides``.
+
+        Overriding ``attention_ratio`` clears the preset's ``pattern`` (and vice versa).
+        """
+        if name not in cls.PRESETS:
+            raise ValueError(f"LMConfig has no preset {name!r}; valid: {', '.join(sorted(cls.PRESETS))}.")
+        fields = dict(cls.PRESETS[name])
+        if "attention_ratio" in overrides:
+            fields.pop("pattern", None)
+        if "pattern" in overrides:
+            fields.pop("attention_ratio", None)
+        return cls(**{**fields, **overrides})
+
+    def __post_init__(self):
+        def fail(field, expected):
+            raise ValueError(f"LMConfig: {field}={getattr(self, field)!r}; expected {expected}.")
+
+        for field in ("vocab_size", "d_model", "n_layers", "max_len"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                fail(field, "a positive int")
+        if (self.pattern is None) == (self.attention_ratio is None):
+            raise ValueError(
+                f"LMConfig: pattern={self.pattern!r}, attention_ratio={self.attention_ratio!r}; "
+                "set exactly one of them (e.g. pattern='MMMA' or attention_ratio=0.25)."
+            )
+        if self.pattern is not None:
+            if not isinstance(self.pattern, str) or not self.pattern:
+                fail("pattern", "a non-empty string of layer letters such as 'MMMA'")
+            if self.n_layers % len(self.pattern):
+                raise ValueError(
+                    f"LMConfig: pattern={self.pattern!r} has length {len(self.pattern)}, which does not "
+                    f"divide n_layers={self.n_layers}; use a pattern whose length divides n_layers "
+                    "(it is tiled) or equals it."
+                )
+        elif not 0.0 <= self.attention_ratio <= 1.0:
+            fail("attention_ratio", "a float in [0, 1]")
+        if self.mlp not in MLP_KINDS:
+            fail("mlp", f"one of {MLP_KINDS}")
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+            fail("d_ff", "None or a positive int")
+        if isinstance(self.moe, Mapping):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        if not isinstance(self.moe, MoEConfig):
+            fail("moe", "a MoEConfig or a mapping of its fields")
+        if self.mlp == "moe" and self.projection != "dense":
+            raise ValueError(
+                f"LMConfig: mlp='moe' with projection={self.projection!r}; MoE experts are dense "
+                "batched matmuls, use projection='dense' with MoE."
+            )
+        if self.mod_capacity is not None and not 0.0 < self.mod_capacity <= 1.0:
+            fail("mod_capacity", "None or a fraction in (0, 1]")
+        if not isinstance(self.mod_every, int) or self.mod_every < 1:
+            fail("mod_every", "a positive int")
+        if self.projection not in PROJECTIONS:
+            fail("projection", f"one of {PROJECTIONS}")
+        for field in ("dtype", "param_dtype"):
+            if not jnp.issubdtype(jnp.dtype(getattr(self, field)), jnp.floating):
+                fail(field, "a floating dtype such as jnp.float32 or jnp.bfloat16")
+        for letter, entry in dict(self.mixers).items():
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], Mapping)):
+                raise ValueError(
+                    f"LMConfig: mixers[{letter!r}]={entry!r}; expected (mixer name, options dict), "
+                    "e.g. ('mamba2', {'num_heads': 4})."
+                )
+        for index in self.layer_options:
+            if not isinstance(index, int) or not 0 <= index < self.n_layers:
+                raise ValueError(
+                    f"LMConfig: layer_options has key {index!r}; expected layer indices in "
+                    f"[0, n_layers={self.n_layers})."
+                )
+        object.__setattr__(self, "mixers", _freeze(self.mixers))
+        object.__setattr__(self, "layer_options", _freeze(self.layer_options))
+        self.layer_specs  # builds (and so validates) every layer's mixer config
+
+    def __hash__(self):
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    @property
+    def layer_pattern(self) -> str:
+        """One letter per layer, ``n_layers`` long."""
+        if self.pattern is not None:
+            return self.pattern * (self.n_layers // len(self.pattern))
+        return attention_layout(self.n_layers, self.attention_ratio)
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP hidden width: ``d_ff`` or its default."""
+        return self.d_ff if self.d_ff is not None else default_width(self.d_model)
+
+    def mixer_entry(self, letter: str) -> tuple[str, Mapping[str, Any]]:
+        """``(mixer name, options)`` of a pattern letter."""
+        table = {**DEFAULT_MIXERS, **self.mixers}
+        if letter not in table:
+            raise ValueError(
+                f"LMConfig: pattern letter {letter!r} has no mixer; known letters: "
+                f"{', '.join(sorted(table))} (add it with mixers={{{letter!r}: (name, options)}})."
+            )
+        return table[letter]
+
+    @functools.cached_property
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        """Every layer's letter, validated mixer config and MoD flag."""
+        specs = []
+        for i, letter in enumerate(self.layer_pattern):
+            name, options = self.mixer_entry(letter)
+            shared = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                          implementation=self.implementation, projection=self.projection)
+            try:
+                preset = {}
+                if self.mixer_preset is not None:
+                    presets = mixers_lib.config_class(name).PRESETS
+                    if self.mixer_preset not in presets:
+                        raise ValueError(
+                            f"mixer {name!r} has no preset {self.mixer_preset!r}; valid: {', '.join(sorted(presets))}."
+                        )
+                    preset = presets[self.mixer_preset]
+                merged = {**shared, **preset, **options, **self.layer_options.get(i, {})}
+                mixer = mixers_lib.make_config(name, self.d_model, **merged)
+            except ValueError as err:
+                raise ValueError(f"LMConfig: layer {i} (letter {letter!r}): {err}") from err
+            mod = self.mod_capacity is not None and i % self.mod_every == self.mod_every - 1
+            specs.append(LayerSpec(letter, mixer, mod))
+        return tuple(specs)
+
+    @property
+    def period(self) -> int:
+        """The shortest number of layers P (dividing ``n_layers``) after which the specs repeat.
+
+        ``scan_layers`` scans ``n_layers // P`` copies of a group of P layers.
+        """
+        specs = self.layer_specs
+        for p in range(1, self.n_layers + 1):
+            if self.n_layers % p == 0 and all(specs[i] == specs[i % p] for i in range(self.n_layers)):
+                return p
+        raise AssertionError("unreachable: P = n_layers always repeats")
+
+    @property
+    def has_mod(self) -> bool:
+        """Whether any layer is routed by Mixture-of-Depths (no cached decoding then)."""
+        return any(spec.mod for spec in self.layer_specs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (dtypes by name); ``LMConfig.from_dict`` inverts it."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("dtype", "param_dtype"):
+                value = jnp.dtype(value).name
+            elif f.name == "moe":
+                value = dataclasses.asdict(value)
+            elif f.name == "layer_options":
+                value = {str(k): _thaw(v) for k, v in value.items()}
+            else:
+                value = _thaw(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LMConfig:
+        """Builds a config from :meth:`to_dict` output (e.g. read back from JSON)."""
+        data = dict(data)
+        for name in ("dtype", "param_dtype"):
+            if name in data:
+                data[name] = jnp.dtype(data[name])
+        if "layer_options" in data:
+            data["layer_options"] = {int(k): v for k, v in data["layer_options"].items()}
+        if "mixers" in data:
+            data["mixers"] = {k: tuple(v) for k, v in data["mixers"].items()}
+        return cls(**data)

@@ -1,0 +1,298 @@
+"""The language model: embeddings, a pattern of pre-norm mixer + MLP blocks, logits.
+
+    x = embed(tokens)                                  # [B,T,D]
+    for each layer:  x = x + mixer(norm(x))            # attention, Mamba-2, ... by pattern
+                     x = x + mlp(norm(x))              # SwiGLU or MoE (or none)
+    logits = final_norm(x) @ embed^T                   # [B,T,vocab] float32 (tied)
+
+Usage::
+
+    cfg = LMConfig.preset("tiny")
+    lm = LM(config=cfg)
+    params = lm.init(key, tokens)
+    logits, aux, _ = lm.apply(params, tokens)                       # training
+    cache = lm.init_cache(batch_size, max_len)
+    logits, aux, cache = lm.apply(params, prompt, cache=cache)      # prefill
+    logits, aux, cache = lm.apply(params, next_token, cache=cache)  # decode
+
+``aux`` always holds ``"aux_loss"`` (the weighted sum of auxiliary losses to add
+to the LM loss) and, when relevant, ``"moe_aux_loss"``,
+``"moe_dropped_fraction"`` (means over MoE layers) and ``"mod_fraction"``
+(mean fraction of tokens the MoD layers process).
+
+With ``scan_layers`` the layers run as ``n_layers / P`` scanned copies of a
+group of P layers (``LMConfig.period``); :func:`stack_layer_params` and
+:func:`unstack_layer_params` convert parameters between the two layouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effarch import mixers
+from effarch.layers.mlp import SwiGLU
+from effarch.layers.mod import MoDRouter, mixture_of_depths, selected_count
+from effarch.layers.moe import MoE
+from effarch.layers.norms import RMSNorm
+from effarch.models.config import LayerSpec, LMConfig
+
+# Logical axis names of the model's own parameters (docs/models.md).
+EMBED_AXES = ("vocab", "embed")
+UNEMBED_AXES = ("embed", "vocab")
+# Name of the stacked axis of scanned parameters.
+LAYERS_AXIS = "layers"
+# GPT-2's embedding initialisation scale.
+EMBED_INIT_STD = 0.02
+
+# Per-layer auxiliary metrics, summed over layers then averaged over the layers
+# that report them.
+MOE_METRICS = ("moe_aux_loss", "moe_dropped_fraction")
+MOD_METRICS = ("mod_fraction",)
+
+
+class Block(nn.Module):
+    """One pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``.
+
+    With ``spec.mod`` the whole block runs on the router's top tokens only
+    (Mixture-of-Depths, effarch.layers.mod); such a block refuses a cache.
+
+    Attributes:
+      config: the model config.
+      spec: this layer's letter, mixer config and MoD flag.
+    """
+
+    config: LMConfig
+    spec: LayerSpec
+
+    def setup(self):
+        cfg = self.config
+        norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.mixer_norm = RMSNorm(**norm)
+        self.mixer = mixers.from_config(self.spec.mixer)
+        if cfg.mlp != "none":
+            self.mlp_norm = RMSNorm(**norm)
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLU(d_ff=cfg.mlp_width, projection=cfg.projection, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype)
+        elif cfg.mlp == "moe":
+            self.mlp = MoE(config=cfg.moe, d_ff=cfg.mlp_width, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        if self.spec.mod:
+            self.router = MoDRouter(param_dtype=cfg.param_dtype)
+
+    def residual(self, x, cache, segment_ids):
+        """The block itself: ``x [B,T,D] -> (x [B,T,D], cache, aux)``."""
+        h, cache = self.mixer(self.mixer_norm(x), cache, segment_ids=segment_ids)
+        x = x + h.astype(x.dtype)
+        aux = {}
+        if self.config.mlp == "swiglu":
+            x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        elif self.config.mlp == "moe":
+            y, aux = self.mlp(self.mlp_norm(x))
+            x = x + y.astype(x.dtype)
+        return x, cache, aux
+
+    def __call__(self, x, cache=None, segment_ids=None):
+        """``x [B,T,D] -> (x [B,T,D], cache, aux dict of scalars)``."""
+        if not self.spec.mod:
+            return self.residual(x, cache, segment_ids)
+        if cache is not None:
+            raise ValueError(
+                f"LM: layer {self.name} is a Mixture-of-Depths layer (mod_capacity="
+                f"{self.config.mod_capacity}); its top-k routing is non-causal, so it cannot decode "
+                "from a cache. Generate with a model without MoD (mod_capacity=None)."
+            )
+
+        def routed(x_sel, seg_sel):
+            y, _, aux = self.residual(x_sel, None, seg_sel)
+            return y, aux
+
+        x, aux = mixture_of_depths(routed, x, self.router(x), self.config.mod_capacity, segment_ids)
+        fraction = selected_count(x.shape[1], self.config.mod_capacity) / x.shape[1]
+        return x, None, {**aux, "mod_fraction": jnp.asarray(fraction, jnp.float32)}
+
+
+def _block_class(cfg: LMConfig):
+    return nn.remat(Block) if cfg.remat else Block
+
+
+def _add_metrics(total: dict, aux: dict) -> dict:
+    return {k: total.get(k, 0.0) + aux.get(k, 0.0) for k in {*total, *aux}}
+
+
+class LayerGroup(nn.Module):
+    """``config.period`` consecutive layers: the unit ``scan_layers`` repeats.
+
+    Attributes:
+      config: the model config.
+    """
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x, caches, segment_ids):
+        """``(x, per-layer caches | None, segment_ids) -> (x, (caches | None, summed aux))``."""
+        block = _block_class(self.config)
+        new_caches, total = [], {}
+        for j in range(self.config.period):
+            x, cache, aux = block(self.config, self.config.layer_specs[j], name=f"layer_{j}")(
+                x, None if caches is None else caches[j], segment_ids
+            )
+            new_caches.append(cache)
+            total = _add_metrics(total, aux)
+        return x, (None if caches is None else tuple(new_caches), total)
+
+
+class LM(nn.Module):
+    """Decoder-only language model; see the module docstring.
+
+    Attributes:
+      config: the model config (``LMConfig``).
+    """
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, cache: Any = None):
+        """Logits of the next token at every position.
+
+        Args:
+          tokens: ``[B, T]`` int token ids in ``[0, vocab_size)``.
+          segment_ids: optional ``[B, T]`` int ids of packed sequences; no
+            information crosses a change of id. Not allowed with a cache.
+          cache: None for a full sequence from scratch, or the caches from
+            :meth:`init_cache` / a previous call to continue from.
+
+        Returns:
+          ``logits [B, T, vocab_size]`` float32, ``aux`` (dict of float32
+          scalars, always with ``"aux_loss"``), and the updated cache (None
+          when ``cache`` is None).
+        """
+        cfg = self.config
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"LM: tokens has shape {tuple(tokens.shape)} and dtype {tokens.dtype}; expected an "
+                "integer array [B,T]."
+            )
+        if segment_ids is not None and tuple(segment_ids.shape) != tuple(tokens.shape):
+            raise ValueError(
+                f"LM: segment_ids has shape {tuple(segment_ids.shape)}; expected [B,T] = "
+                f"{list(tokens.shape)} like tokens."
+            )
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed",
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(EMBED_INIT_STD), EMBED_AXES),
+        )
+        x = embed(tokens)  # [B, T, D]
+
+        if cfg.scan_layers:
+            groups = nn.scan(
+                LayerGroup,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=cfg.n_layers // cfg.period,
+                metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
+            )(cfg, name="groups")
+            x, (cache, summed) = groups(x, cache, segment_ids)
+            total = jax.tree.map(lambda s: jnp.sum(s, axis=0), summed)
+        else:
+            block = _block_class(cfg)
+            new_caches, total = [], {}
+            for i, spec in enumerate(cfg.layer_specs):
+                x, layer_cache, aux = block(cfg, spec, name=f"layer_{i}")(
+                    x, None if cache is None else cache[i], segment_ids
+                )
+                new_caches.append(layer_cache)
+                total = _add_metrics(total, aux)
+            cache = None if cache is None else tuple(new_caches)
+
+        x = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            head = embed.embedding.T  # [D, vocab]
+        else:
+            init = nn.with_logical_partitioning(nn.initializers.normal(EMBED_INIT_STD), UNEMBED_AXES)
+            head = self.param("unembed", init, (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32), self._aux(total), cache
+
+    @nn.nowrap
+    def _aux(self, total: dict) -> dict[str, jax.Array]:
+        """Means of the per-layer metrics and the weighted ``aux_loss``."""
+        cfg = self.config
+        aux = {}
+        if cfg.mlp == "moe":
+            aux.update({k: total[k] / cfg.n_layers for k in MOE_METRICS})
+        n_mod = sum(spec.mod for spec in cfg.layer_specs)
+        if n_mod:
+            aux.update({k: total[k] / n_mod for k in MOD_METRICS})
+        aux_loss = cfg.moe.aux_loss_weight * aux["moe_aux_loss"] if cfg.mlp == "moe" else 0.0
+        aux["aux_loss"] = jnp.asarray(aux_loss, jnp.float32)
+        return aux
+
+    @nn.nowrap
+    def init_cache(self, batch_size: int, max_len: int | None = None, dtype: Any = jnp.float32) -> tuple:
+        """Empty decode caches of every layer.
+
+        Args:
+          batch_size: sequences decoded at once.
+          max_len: the longest prompt + generation; default ``config.max_len``.
+          dtype: dtype of the caches' activations (recurrent states stay float32
+            where the mixer says so).
+
+        Returns:
+          A tuple of per-layer caches (``n_layers`` long); with ``scan_layers``,
+          ``period`` caches each stacked on a leading ``n_layers / period`` axis.
+        """
+        cfg = self.config
+        if cfg.has_mod:
+            raise ValueError(
+                f"LM: mod_capacity={cfg.mod_capacity}; Mixture-of-Depths layers cannot decode from a "
+                "cache (their top-k routing is non-causal). Use mod_capacity=None for generation."
+            )
+        max_len = cfg.max_len if max_len is None else max_len
+        per_layer = tuple(
+            mixers.from_config(spec.mixer).init_cache(batch_size, max_len, dtype) for spec in cfg.layer_specs
+        )
+        if not cfg.scan_layers:
+            return per_layer
+        return stack_layers(per_layer, cfg.period)
+
+
+def stack_layers(per_layer, period: int) -> tuple:
+    """``L`` per-layer pytrees -> ``period`` pytrees stacked over the ``L / period`` groups."""
+    groups = len(per_layer) // period
+    return tuple(
+        jax.tree.map(lambda *xs: jnp.stack(xs), *[per_layer[g * period + j] for g in range(groups)])
+        for j in range(period)
+    )
+
+
+def unstack_layers(stacked, period: int) -> tuple:
+    """The inverse of :func:`stack_layers`: ``L`` per-layer pytrees."""
+    groups = jax.tree.leaves(stacked[0])[0].shape[0]
+    return tuple(jax.tree.map(lambda x: x[g], stacked[j]) for g in range(groups) for j in range(period))
+
+
+def stack_layer_params(variables: dict, config: LMConfig) -> dict:
+    """Unscanned variables ``{"params": {"layer_0": ...}}`` -> the ``scan_layers`` layout.
+
+    Boxed (logically partitioned) inputs are unboxed; the result is unboxed.
+    """
+    params = dict(nn.unbox(variables)["params"])
+    per_layer = [params.pop(f"layer_{i}") for i in range(config.n_layers)]
+    stacked = stack_layers(per_layer, config.period)
+    params["groups"] = {f"layer_{j}": stacked[j] for j in range(config.period)}
+    return {**variables, "params": params}
+
+
+def unstack_layer_params(variables: dict, config: LMConfig) -> dict:
+    """The inverse of :func:`stack_layer_params`."""
+    params = dict(nn.unbox(variables)["params"])
+    groups = params.pop("groups")
+    per_layer = unstack_layers([groups[f"layer_{j}"] for j in range(config.period)], config.period)
+    params.update({f"layer_{i}": p for i, p in enumerate(per_layer)})
+    return {**variables, "params": params}

@@ -1,0 +1,378 @@
+"""The math of one chunk, forward and backward, shared by the GPU and TPU kernels.
+
+Four functions make both kernels: :func:`next_state` / :func:`previous_dstate`
+carry the state (gradient) across one chunk, :func:`forward_chunk` /
+:func:`backward_chunk` write one chunk's outputs (gradients) given the state
+entering it (and the gradient of the one leaving it). The TPU kernel runs
+them together on a sequential grid axis over chunks; the GPU kernels first
+run the light state recurrence in a ``fori_loop`` and then the heavy per-chunk
+work with a grid over chunks. ``Chunk`` says where the current chunk lies in
+the refs a program sees.
+
+Notation for one chunk of ``C`` steps (rows ``t``, columns ``s``):
+
+* ``g [C,Kg]``: log decay summed from the chunk start up to and including each
+  step (``Kg = 1`` scalar decay, ``Kg = K`` per key channel), computed in XLA.
+* ``seg_in[t]``: step t still sees the state entering the chunk (no reset in
+  between); ``seg_out[s]``: step s still reaches the state leaving the chunk.
+* ``tot [Kg,1]``: log factor carrying the entering state to the chunk end
+  (``g_last`` or ``-inf`` if the chunk holds a reset), a column.
+
+Every ``exp`` takes a masked exponent ``<= 0`` (``exp(where(mask, diff, -inf))``).
+Per-key-channel decay inside a chunk is split into sub-chunks of ``c`` steps:
+a diagonal sub-block uses the full ``[c,c,K]`` decay tensor; an off-diagonal
+pair (rows block ``i`` > columns block ``j``) factors the decay through a
+reference row of ``g`` on the boundary between the two blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from effarch.ops._common import MASKED_LOG  # exp(MASKED_LOG) == 0: masks go in exponents
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Where the current chunk lies in the refs one program sees.
+
+    Attributes:
+      start: first row of the chunk in time-major refs (``[T,X]`` on GPU,
+        ``[C,X]`` blocks on TPU, where it is 0).
+      index: chunk number in chunk-major refs (``[N,C]`` rows, ``[N*X,Y]``
+        stacked blocks on GPU; 0 on TPU).
+      size: the chunk length ``C``.
+    """
+
+    start: Any
+    index: Any
+    size: int
+
+    def rows(self, ref, i: int, n: int):
+        """Rows ``i .. i+n`` of the chunk in a time-major ref: ``[n, X]``."""
+        return ref[pl.ds(self.start + i, n), :]
+
+    def store(self, ref, i: int, value) -> None:
+        ref[pl.ds(self.start + i, value.shape[0]), :] = value.astype(ref.dtype)
+
+    def row_form(self, ref, i: int, n: int):
+        """Entries ``i .. i+n`` of the chunk from a chunk-major ``[N, C]`` ref: ``[1, n]``."""
+        return ref[pl.ds(self.index, 1), pl.ds(i, n)]
+
+    def block(self, ref, n: int):
+        """The chunk's ``[n, Y]`` block of a ref stacking one block per chunk."""
+        return ref[pl.ds(self.index * n, n), :]
+
+    def store_block(self, ref, value) -> None:
+        n = value.shape[0]
+        ref[pl.ds(self.index * n, n), :] = value.astype(ref.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refs:
+    """Input refs of one program; ``None`` where a feature is off.
+
+    Attributes:
+      q, k: ``[T,K]`` time-major; v: ``[T,BV]``; do: ``[T,BV]`` (backward only).
+      g: ``[T,Kg]`` in-chunk cumulative log decay, or None (no decay).
+      g_row: ``[N,C]`` the same in row form (scalar decay only).
+      tot: ``[N*Kg,1]`` log carry factor per chunk (None: no decay, no segments).
+      r, r_row: reset index ``[T,1]`` and ``[N,C]`` (segments only).
+      seg_in, seg_out: ``[T,1]`` int32 flags (segments only).
+    """
+
+    q: Any
+    k: Any
+    v: Any
+    do: Any = None
+    g: Any = None
+    g_row: Any = None
+    tot: Any = None
+    r: Any = None
+    r_row: Any = None
+    seg_in: Any = None
+    seg_out: Any = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.g is not None and self.g_row is None
+
+
+def _gate(log, mask):
+    """``exp(where(mask, log, -inf))`` with ``log = 0`` when None; None means 1."""
+    if mask is not None:
+        log = jnp.where(mask, 0.0 if log is None else log, MASKED_LOG)
+    return None if log is None else jnp.exp(log)
+
+
+def _mul(x, factor):
+    return x if factor is None else x * factor
+
+
+def _dot(a, b, contract, dtype):
+    """2D matmul in ``dtype`` accumulating in float32; ``contract`` = (a dim, b dim)."""
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return lax.dot_general(
+        a.astype(dtype), b.astype(dtype), (((contract[0],), (contract[1],)), ((), ())),
+        precision=precision, preferred_element_type=jnp.float32)
+
+
+def mm(a, b, dtype):
+    """``a @ b``."""
+    return _dot(a, b, (1, 0), dtype)
+
+
+def mm_nt(a, b, dtype):
+    """``a @ b.T``."""
+    return _dot(a, b, (1, 1), dtype)
+
+
+def mm_tn(a, b, dtype):
+    """``a.T @ b``."""
+    return _dot(a, b, (0, 0), dtype)
+
+
+def _iota(shape, axis):
+    return lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+class _Block:
+    """Loaded quantities of rows ``i .. i+n`` of a chunk (a sub-chunk or the whole)."""
+
+    def __init__(self, x: Refs, ch: Chunk, i: int, n: int):
+        self.i, self.n = i, n
+        rows = lambda ref: None if ref is None else ch.rows(ref, i, n)
+        self.q, self.k, self.v, self.do = rows(x.q), rows(x.k), rows(x.v), rows(x.do)
+        self.g = None if x.g is None else rows(x.g).astype(jnp.float32)  # [n, Kg]
+        self.r = rows(x.r)  # [n, 1]
+        self.seg_in = None if x.seg_in is None else rows(x.seg_in) != 0
+        self.seg_out = None if x.seg_out is None else rows(x.seg_out) != 0
+        g_last = None if x.g is None else ch.rows(x.g, ch.size - 1, 1)  # [1, Kg]
+        self.f_in = _gate(self.g, self.seg_in)  # [n, Kg] state-in -> t
+        self.f_out = _gate(None if g_last is None else g_last - self.g, self.seg_out)
+
+    def same(self, x: Refs, ch: Chunk, j: int, m: int):
+        """``[n, m]`` mask: rows of this block and steps ``j .. j+m`` share a segment."""
+        if x.r is None:
+            return None
+        return self.r == ch.row_form(x.r_row, j, m)
+
+
+def _and(a, b):
+    return b if a is None else (a if b is None else a & b)
+
+
+def _causal(n, strict=False):
+    t, s = _iota((n, n), 0), _iota((n, n), 1)
+    return t > s if strict else t >= s
+
+
+def _diag_decay(blk: _Block, mask):
+    """``[c, c, K]`` decay ``exp(g_t - g_s)`` of a diagonal sub-block, masked."""
+    diff = blk.g[:, None, :] - blk.g[None, :, :]
+    return jnp.exp(jnp.where(mask[:, :, None], diff, MASKED_LOG))
+
+
+def _pair_factors(x: Refs, ch: Chunk, rows: _Block, cols: _Block, ref_row: int):
+    """Factored decay of rows block > cols block through row ``ref_row`` of ``g``.
+
+    Returns ``(fq [n,K], fk [m,K])`` with ``exp(g_t - g_s) = fq[t] * fk[s]``; the
+    reference lies between the two blocks, so both exponents are ``<= 0``.
+    """
+    ref = ch.rows(x.g, ref_row, 1)  # [1, K]
+    return jnp.exp(rows.g - ref), jnp.exp(ref - cols.g)
+
+
+def _tot(x: Refs, ch: Chunk):
+    """``[Kg, 1]`` log carry factor of the chunk, or None (factor 1)."""
+    if x.tot is None:
+        return None
+    return ch.block(x.tot, 1 if x.g is None else x.g.shape[-1])
+
+
+def next_state(x: Refs, ch: Chunk, state):
+    """``[K, BV]`` float32 state leaving the chunk, from the ``state`` entering it."""
+    whole = _Block(x, ch, 0, ch.size)
+    tot = _tot(x, ch)
+    carried = _mul(state, None if tot is None else jnp.exp(tot))
+    return carried + mm_tn(_mul(whole.k, whole.f_out), whole.v, x.q.dtype)
+
+
+def previous_dstate(x: Refs, ch: Chunk, dstate, *, scale: float):
+    """``[K, BV]`` gradient of the state entering the chunk (given the leaving one's)."""
+    whole = _Block(x, ch, 0, ch.size)
+    tot = _tot(x, ch)
+    carried = _mul(dstate, None if tot is None else jnp.exp(tot))
+    return carried + scale * mm_tn(_mul(whole.q, whole.f_in), whole.do, x.q.dtype)
+
+
+def forward_chunk(x: Refs, ch: Chunk, state, o_ref, *, scale: float, sub_chunk: int) -> None:
+    """Writes the chunk's output rows.
+
+    Args:
+      x: input refs; ch: the chunk.
+      state: ``[K, BV]`` float32 state entering the chunk.
+      o_ref: ``[T, BV]`` output ref (rows of this chunk are written).
+      scale: output scale; sub_chunk: ``c`` for per-channel decay.
+    """
+    dtype = x.q.dtype
+    C = ch.size
+    if x.per_channel:
+        blocks = [_Block(x, ch, i * sub_chunk, sub_chunk) for i in range(C // sub_chunk)]
+        for bi, blk in enumerate(blocks):
+            mask = _and(_causal(blk.n), blk.same(x, ch, blk.i, blk.n))
+            a = jnp.sum(blk.q[:, None, :] * blk.k[None, :, :] * _diag_decay(blk, mask), -1)
+            o = mm(a, blk.v, dtype)
+            for col in blocks[:bi]:
+                fq, fk = _pair_factors(x, ch, blk, col, blk.i - 1)
+                a = mm_nt(blk.q * fq, col.k * fk, dtype)  # [c, c]
+                same = blk.same(x, ch, col.i, col.n)
+                a = a if same is None else jnp.where(same, a, 0.0)
+                o = o + mm(a, col.v, dtype)
+            o = o + mm(_mul(blk.q, blk.f_in), state, dtype)
+            ch.store(o_ref, blk.i, scale * o)
+    else:
+        whole = _Block(x, ch, 0, C)
+        mask = _and(_causal(C), whole.same(x, ch, 0, C))
+        diff = None if x.g is None else whole.g - ch.row_form(x.g_row, 0, C)  # [C, C]
+        a = mm_nt(whole.q, whole.k, dtype) * _gate(diff, mask)
+        o = mm(a, whole.v, dtype) + mm(_mul(whole.q, whole.f_in), state, dtype)
+        ch.store(o_ref, 0, scale * o)
+
+
+def backward_chunk(x: Refs, ch: Chunk, state, dstate, outs, *, scale: float,
+                   sub_chunk: int) -> None:
+    """Writes the chunk's gradient rows.
+
+    The gradient of the in-chunk log decay is written in two parts whose sums
+    need no cancellation of large terms (pairs ``s = t`` are kept out):
+    ``dga`` (to be summed over later steps of the chunk) and ``dgb`` (to be
+    summed over earlier steps); see ``ops._log_decay_grad``.
+
+    Args:
+      x: input refs (``do`` included); ch: the chunk.
+      state: ``[K, BV]`` float32 state entering the chunk (from the forward).
+      dstate: ``[K, BV]`` float32 gradient of the state leaving the chunk.
+      outs: dict of output refs ``dq, dk [T,K]``, ``dv [T,BV]``, ``dga, dgb [T,Kg]``.
+    """
+    dtype = x.q.dtype
+    C = ch.size
+    tot = _tot(x, ch)
+    carry = None if tot is None else jnp.exp(tot)  # [Kg, 1]
+    # d g_last of the carried state: rowsum_V(carry * S ∘ dS) as identical rows.
+    carried_grad = None if x.g is None else _mul(state, carry) * dstate  # [K, BV]
+    if x.per_channel:
+        blocks = [_Block(x, ch, i * sub_chunk, sub_chunk) for i in range(C // sub_chunk)]
+        for bi, blk in enumerate(blocks):
+            same = blk.same(x, ch, blk.i, blk.n)
+            mask = _and(_causal(blk.n), same)
+            decay = _diag_decay(blk, mask)  # [c, c, K]
+            da = scale * mm_nt(blk.do, blk.v, dtype)  # [c, c]
+            da_strict = jnp.where(_and(_causal(blk.n, strict=True), same), da, 0.0)
+            a = jnp.sum(blk.q[:, None, :] * blk.k[None, :, :] * decay, -1)
+            dq = jnp.sum(da_strict[:, :, None] * blk.k[None, :, :] * decay, 1)  # [c, K]
+            dk = jnp.sum(da_strict[:, :, None] * blk.q[:, None, :] * decay, 0)
+            dv = mm_tn(scale * a, blk.do, dtype)
+            for col in blocks[:bi]:  # columns before: dq of this block
+                fq, fk = _pair_factors(x, ch, blk, col, blk.i - 1)
+                da = scale * mm_nt(blk.do, col.v, dtype)
+                cross = blk.same(x, ch, col.i, col.n)
+                da = da if cross is None else jnp.where(cross, da, 0.0)
+                dq = dq + mm(da, col.k * fk, dtype) * fq
+            for row in blocks[bi + 1:]:  # rows after: dk, dv of this block
+                fq, fk = _pair_factors(x, ch, row, blk, blk.i + blk.n - 1)
+                cross = row.same(x, ch, blk.i, blk.n)  # [rows, cols]
+                qf = row.q * fq
+                a = mm_nt(qf, blk.k * fk, dtype)
+                da = scale * mm_nt(row.do, blk.v, dtype)
+                if cross is not None:
+                    a, da = jnp.where(cross, a, 0.0), jnp.where(cross, da, 0.0)
+                dk = dk + mm_tn(da, qf, dtype) * fk
+                dv = dv + mm_tn(scale * a, row.do, dtype)
+            _finish_block(x, ch, blk, dq, dk, dv, state, dstate, carried_grad,
+                          last=bi == len(blocks) - 1, outs=outs, scale=scale)
+    else:
+        blk = _Block(x, ch, 0, C)
+        same = blk.same(x, ch, 0, C)
+        diff = None if x.g is None else blk.g - ch.row_form(x.g_row, 0, C)
+        decay = _gate(diff, _and(_causal(C), same))  # [C, C]
+        a = scale * mm_nt(blk.q, blk.k, dtype) * decay
+        dp = scale * mm_nt(blk.do, blk.v, dtype) * decay
+        dp = jnp.where(_causal(C, strict=True), dp, 0.0)
+        dq = mm(dp, blk.k, dtype)
+        dk = mm_tn(dp, blk.q, dtype)
+        dv = mm_tn(a, blk.do, dtype)
+        _finish_block(x, ch, blk, dq, dk, dv, state, dstate, carried_grad,
+                      last=True, outs=outs, scale=scale)
+
+
+def _finish_block(x: Refs, ch: Chunk, blk: _Block, dq, dk, dv, state, dstate,
+                  carried_grad, *, last: bool, outs, scale: float):
+    """Adds the diagonal and state terms to the strict in-chunk gradients and stores.
+
+    ``dq``, ``dk`` hold the strictly causal in-chunk terms (``s < t``), ``dv``
+    the whole in-chunk term.
+    """
+    dtype = x.q.dtype
+    q, k = blk.q.astype(jnp.float32), blk.k.astype(jnp.float32)
+    diag = scale * jnp.sum(blk.do.astype(jnp.float32) * blk.v, 1, keepdims=True)  # [n, 1]
+    dq_in = scale * _mul(mm_nt(blk.do, state, dtype), blk.f_in)  # [n, K]
+    dk_out = _mul(mm_nt(blk.v, dstate, dtype), blk.f_out)  # [n, K]
+    dv = dv + mm(_mul(blk.k, blk.f_out), dstate, dtype)
+    ch.store(outs["dq"], blk.i, dq + diag * k + dq_in)
+    ch.store(outs["dk"], blk.i, dk + diag * q + dk_out)
+    ch.store(outs["dv"], blk.i, dv)
+    if x.g is None:
+        return
+    dga = q * (dq + dq_in) - k * dk  # [n, K]
+    dgb = k * dk_out
+    if last:  # d g_last of the carried state, kept on the chunk's last row.
+        ones = jnp.ones((blk.n, carried_grad.shape[1]), jnp.float32)
+        d_tot = mm_nt(ones, carried_grad, jnp.float32)  # [n, K], rows identical
+        dga = dga + jnp.where(_iota(dga.shape, 0) == blk.n - 1, d_tot, 0.0)
+    if not x.per_channel:
+        dga, dgb = jnp.sum(dga, 1, keepdims=True), jnp.sum(dgb, 1, keepdims=True)
+    ch.store(outs["dga"], blk.i, dga)
+    ch.store(outs["dgb"], blk.i, dgb)
+
+
+def call(kernel, inputs: dict, outputs: dict, *, grid, interpret, **kwargs) -> dict:
+    """``pl.pallas_call`` with named refs; entries whose array is None are left out.
+
+    Args:
+      kernel: ``kernel(refs: dict)`` with refs named as in ``inputs``/``outputs``.
+      inputs: name -> ``(array or None, BlockSpec)``.
+      outputs: name -> ``(jax.ShapeDtypeStruct, BlockSpec)``.
+      grid, interpret, kwargs: passed to ``pl.pallas_call`` (``scratch_shapes``
+        refs arrive under the names ``scratch0``, ``scratch1``, ...).
+    Returns:
+      name -> output array.
+    """
+    inputs = {n: a for n, a in inputs.items() if a[0] is not None}
+    names = [*inputs, *outputs]
+    names += [f"scratch{i}" for i in range(len(kwargs.get("scratch_shapes", ())))]
+
+    def body(*refs):
+        kernel(dict(zip(names, refs)))
+
+    results = pl.pallas_call(
+        body,
+        out_shape=[shape for shape, _ in outputs.values()],
+        grid=grid,
+        in_specs=[spec for _, spec in inputs.values()],
+        out_specs=[spec for _, spec in outputs.values()],
+        interpret=interpret,
+        **kwargs,
+    )(*[array for array, _ in inputs.values()])
+    return dict(zip(outputs, results))
+
+
+def refs_of(refs: dict) -> Refs:
+    """The kernel's input refs as a :class:`Refs` (missing ones None)."""
+    fields = [f.name for f in dataclasses.fields(Refs)]
+    return Refs(**{name: refs.get(name) for name in fields})

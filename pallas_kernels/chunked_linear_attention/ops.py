@@ -1,0 +1,266 @@
+"""Chunked linear attention (SSD / GLA) with Pallas kernels: the public function.
+
+``chunked_linear_attention`` is what ``effarch.ops.linear_attention(...,
+implementation="pallas")`` calls. It pads the inputs, precomputes in XLA what
+kernels should not compute (in-chunk cumulative log decay, segment flags),
+runs the GPU (Pallas Triton) or TPU (Mosaic) kernel chosen by
+``pallas_kernels._platform.resolve_target``, and defines the backward pass
+with ``jax.custom_vjp``: a second kernel walks the chunks in reverse, carrying
+the state gradient, and reads the chunk-boundary states the forward stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from effarch.ops import _common
+from pallas_kernels import _platform
+from pallas_kernels.chunked_linear_attention import gpu, tpu
+
+_BACKENDS = {"gpu": gpu, "tpu": tpu}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Tiling of the kernels.
+
+    Attributes:
+      chunk: chunk length ``C``; None takes ``chunk_size``. GPU: a power of two
+        >= 16; TPU: a multiple of 8.
+      sub_chunk: sub-chunk length ``c`` for per-key-channel decay (divides
+        ``chunk``; GPU: a power of two >= 16, TPU: a multiple of 8); None:
+        ``min(16, chunk)``.
+      block_v: columns of V per program; None: 64 on GPU, 128 on TPU (capped
+        at the padded V).
+    """
+
+    chunk: int | None = None
+    sub_chunk: int | None = None
+    block_v: int | None = None
+
+    def __post_init__(self):
+        for name in ("chunk", "sub_chunk", "block_v"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"BlockSizes.{name}={value!r}; expected a positive int or None.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Config:
+    """Static arguments of one call (hashable, for custom_vjp)."""
+
+    scale: float
+    backend: str
+    interpret: bool
+    chunk: int
+    sub_chunk: int
+    block_v: int
+    k_pad: int
+    v_pad: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Padded kernel inputs (``Tp`` = T padded to chunks, ``N = Tp / C``).
+
+    Attributes:
+      q, k: ``[B,Tp,H,Kp]``; v: ``[B,Tp,H,Vp]``.
+      g: ``[B,H,Tp,Kg]`` float32 log decay summed from the chunk start (inclusive),
+        ``Kg`` 1 (scalar) or ``Kp`` (per key channel); None without decay.
+      g_row: ``[B,H,N,C]`` the same, chunk-major (scalar decay only).
+      tot: ``[B,H,N,Kg]`` log factor carrying a chunk's entering state to its
+        end (``-inf`` where the chunk holds a segment start); None when 1.
+      r: ``[B,Tp]`` reset index (segments only, else None).
+      seg_in, seg_out: ``[B,Tp]`` int32 flags: the step sees the state entering
+        its chunk / reaches the state leaving it (segments only).
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    g: jax.Array | None
+    g_row: jax.Array | None
+    tot: jax.Array | None
+    r: jax.Array | None
+    seg_in: jax.Array | None
+    seg_out: jax.Array | None
+
+
+def chunked_linear_attention(q, k, v, log_decay, *, scale: float, initial_state,
+                             return_final_state: bool, segment_ids, chunk_size: int,
+                             backend: str | None = None, interpret: bool | None = None,
+                             block_sizes: BlockSizes | None = None):
+    """Gated linear attention by Pallas kernels, forward and backward.
+
+    ``S_t = exp(log_decay_t) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``
+    per head, state reset to zero where ``segment_ids`` changes. Inputs are
+    validated by ``effarch.ops.linear_attention``.
+
+    Args:
+      q, k: ``[B,T,H,K]``; v: ``[B,T,H,V]``.
+      log_decay: None, ``[B,T,H]`` or ``[B,T,H,K]`` float32 (values <= 0).
+      scale: output scale.
+      initial_state: None or ``[B,H,K,V]`` float32 (feeds the first segment).
+      return_final_state: return the state after the last step.
+      segment_ids: None or ``[B,T]`` int.
+      chunk_size: chunk length ``C`` (``block_sizes.chunk`` overrides it).
+      backend, interpret: see ``pallas_kernels._platform.resolve_target``.
+      block_sizes: tiling; defaults per backend.
+
+    Returns:
+      ``(o [B,T,H,V] in v.dtype, S [B,H,K,V] float32 or None)``.
+
+    Raises:
+      ValueError: block sizes the chosen kernel cannot tile.
+    """
+    target = _platform.resolve_target(backend, interpret)
+    cfg = _config(target, block_sizes or BlockSizes(), chunk_size, q.shape[-1], v.shape[-1],
+                  scale)
+    o, final = _linear_attention(cfg, q, k, v, log_decay, initial_state, segment_ids)
+    return o, (final if return_final_state else None)
+
+
+def _config(target, blocks: BlockSizes, chunk_size: int, kd: int, vd: int, scale) -> _Config:
+    chunk = blocks.chunk or chunk_size
+    gpu_target = target.backend == "gpu"
+    if gpu_target:
+        pad = lambda d: max(16, 1 << (d - 1).bit_length())
+        ok = lambda n: n >= 16 and n & (n - 1) == 0
+        rule = "a power of two >= 16 on GPU"
+    else:
+        pad = lambda d: -(-d // 128) * 128
+        ok = lambda n: n % 8 == 0
+        rule = "a multiple of 8 on TPU"
+    if not ok(chunk):
+        raise ValueError(f"chunk size {chunk} (chunk_size or BlockSizes.chunk) must be {rule}.")
+    sub_chunk = blocks.sub_chunk or min(16, chunk)
+    if not ok(sub_chunk) or chunk % sub_chunk:
+        raise ValueError(f"BlockSizes.sub_chunk={sub_chunk} must be {rule} and divide "
+                         f"the chunk size {chunk}.")
+    k_pad, v_pad = pad(kd), pad(vd)
+    block_v = min(blocks.block_v or (64 if gpu_target else 128), v_pad)
+    if v_pad % block_v or not ok(block_v) or (not gpu_target and block_v % 128):
+        raise ValueError(f"BlockSizes.block_v={block_v} must divide the padded V={v_pad} and "
+                         f"be {'a power of two >= 16' if gpu_target else 'a multiple of 128'}.")
+    return _Config(scale=float(scale), backend=target.backend, interpret=target.interpret,
+                   chunk=chunk, sub_chunk=sub_chunk, block_v=block_v,
+                   k_pad=k_pad, v_pad=v_pad)
+
+
+def _pad_last(x, size: int):
+    if x is None or x.shape[-1] == size:
+        return x
+    widths = [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])]
+    return jnp.pad(x, widths)
+
+
+def _pad_state(s, cfg: _Config):
+    if s is None:
+        return None
+    s = _pad_last(s.astype(jnp.float32), cfg.v_pad)
+    return jnp.pad(s, ((0, 0), (0, 0), (0, cfg.k_pad - s.shape[2]), (0, 0)))
+
+
+def _prepare(cfg: _Config, q, k, v, log_decay, segment_ids) -> Prepared:
+    """Pads to whole chunks and lane/tile sizes; precomputes decays and segment flags."""
+    b, t, h, _ = q.shape
+    c = cfg.chunk
+    q, k = (_pad_last(_common.pad_time(x, c), cfg.k_pad) for x in (q, k))
+    v = _pad_last(_common.pad_time(v, c), cfg.v_pad)
+    tp = q.shape[1]
+    n = tp // c
+    g = g_row = tot = r = seg_in = seg_out = None
+    if log_decay is not None:
+        ld = log_decay if log_decay.ndim == 4 else log_decay[..., None]  # [B,T,H,Kg]
+        ld = _pad_last(_common.pad_time(ld.astype(jnp.float32), c), cfg.k_pad if ld.shape[-1] > 1 else 1)
+        kg = ld.shape[-1]
+        ld = jnp.transpose(ld, (0, 2, 1, 3)).reshape(b, h, n, c, kg)
+        g5 = jnp.cumsum(ld, axis=3)  # [B,H,N,C,Kg]
+        g = g5.reshape(b, h, tp, kg)
+        if kg == 1:
+            g_row = g5[..., 0]
+        tot = g5[:, :, :, -1, :]  # [B,H,N,Kg]
+    if segment_ids is not None:
+        ids = _common.pad_segment_ids(segment_ids, c)
+        r = _common.reset_index(ids, b, tp)  # [B,Tp]
+        rc = r.reshape(b, n, c)
+        r_before = jnp.concatenate([jnp.zeros((b, 1), r.dtype), rc[:, :-1, -1]], 1)  # [B,N]
+        seg_in = (rc == r_before[:, :, None]).reshape(b, tp).astype(jnp.int32)
+        seg_out = (rc == rc[:, :, -1:]).reshape(b, tp).astype(jnp.int32)
+        no_reset = (rc[:, :, -1] == r_before)[:, None, :, None]  # [B,1,N,1]
+        tot = jnp.where(no_reset, 0.0 if tot is None else tot, _common.MASKED_LOG)
+        tot = jnp.broadcast_to(tot, (b, h, n, tot.shape[-1]))
+    return Prepared(q=q, k=k, v=v, g=g, g_row=g_row, tot=tot, r=r, seg_in=seg_in,
+                    seg_out=seg_out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _linear_attention(cfg: _Config, q, k, v, log_decay, initial_state, segment_ids):
+    out, _ = _forward(cfg, q, k, v, log_decay, initial_state, segment_ids)
+    return out
+
+
+def _forward(cfg: _Config, q, k, v, log_decay, initial_state, segment_ids):
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    p = _prepare(cfg, q, k, v, log_decay, segment_ids)
+    o, states, final = _BACKENDS[cfg.backend].forward(
+        p, _pad_state(initial_state, cfg), scale=cfg.scale, chunk=cfg.chunk,
+        sub_chunk=cfg.sub_chunk, block_v=cfg.block_v, interpret=cfg.interpret)
+    out = (o[:, :t, :, :vd], final[:, :, :kd, :vd])
+    return out, (q, k, v, log_decay, initial_state, segment_ids, states, final)
+
+
+def _backward(cfg: _Config, residuals, cotangents):
+    q, k, v, log_decay, initial_state, segment_ids, states, final = residuals
+    do, dfinal = cotangents
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    p = _prepare(cfg, q, k, v, log_decay, segment_ids)
+    do = _pad_last(_common.pad_time(do, cfg.chunk), cfg.v_pad).astype(v.dtype)
+    grads = _BACKENDS[cfg.backend].backward(
+        p, do, states, _pad_state(dfinal, cfg), scale=cfg.scale, chunk=cfg.chunk,
+        sub_chunk=cfg.sub_chunk, block_v=cfg.block_v, interpret=cfg.interpret)
+    dq = grads["dq"][:, :t, :, :kd].astype(q.dtype)
+    dk = grads["dk"][:, :t, :, :kd].astype(k.dtype)
+    dv = grads["dv"][:, :t, :, :vd].astype(v.dtype)
+    d_init = None if initial_state is None else grads["ds0"][:, :, :kd, :vd]
+    d_decay = None
+    if log_decay is not None:
+        d_decay = _log_decay_grad(grads["dga"], grads["dgb"], cfg.chunk)[:, :t]
+        d_decay = d_decay[..., :kd] if log_decay.ndim == 4 else d_decay[..., 0]
+    d_seg = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
+    return dq, dk, dv, d_decay, d_init, d_seg
+
+
+def _log_decay_grad(dga, dgb, chunk: int):
+    """Gradient of the per-step log decay from the kernel's two partial sums.
+
+    The kernel writes, per step ``t`` of a chunk, ``dga[t]`` (gradient of the
+    in-chunk cumulative log decay ``g_t`` from its own query, its pairs with
+    earlier keys, and on the chunk's last row the carried state) and
+    ``dgb[s] = k_s * dk_s`` of the state leaving the chunk. Step ``r``'s log
+    decay enters ``g_t`` for every ``t >= r``, and the factor ``exp(g_last -
+    g_s)`` for every ``s < r``: a reverse cumsum of ``dga`` plus an exclusive
+    cumsum of ``dgb``, both within the chunk.
+
+    Args:
+      dga, dgb: ``[B,H,Tp,Kg]`` float32.
+    Returns:
+      ``[B,Tp,H,Kg]`` float32.
+    """
+    b, h, tp, kg = dga.shape
+    dga = dga.reshape(b, h, tp // chunk, chunk, kg)
+    dgb = dgb.reshape(b, h, tp // chunk, chunk, kg)
+    after = jnp.flip(jnp.cumsum(jnp.flip(dga, 3), 3), 3)
+    shifted = jnp.concatenate([jnp.zeros_like(dgb[:, :, :, :1]), dgb[:, :, :, :-1]], 3)
+    before = jnp.cumsum(shifted, 3)  # exclusive: no large term added and taken away
+    grad = (after + before).reshape(b, h, tp, kg)
+    return jnp.transpose(grad, (0, 2, 1, 3))
+
+
+_linear_attention.defvjp(_forward, _backward)

@@ -1,0 +1,60 @@
+"""Attention mixer: GQA/MQA head mapping, windows, softcap, cache size, option checks."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from effarch import mixers
+from effarch.testing import assert_relative_close
+
+D = 16
+X = jax.random.normal(jax.random.PRNGKey(0), (2, 10, D))
+
+
+def _apply(mixer, params, x=X):
+    return jax.jit(mixer.apply)(params, x)[0]
+
+
+def test_mqa_equals_mha_with_shared_key_value_heads():
+    mqa = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=1)
+    mha = mixers.build("attention", d_model=D, num_heads=4)
+    params = mqa.init(jax.random.PRNGKey(1), X)
+    tiled = jax.tree.map(lambda x: x, params)
+    for name in ("k_proj", "v_proj"):
+        tiled["params"][name]["kernel"] = jnp.tile(params["params"][name]["kernel"], (1, 4))  # [D, 4 * Dh]
+    assert_relative_close(_apply(mqa, params), _apply(mha, tiled), name="MQA vs tiled MHA")
+
+
+def test_window_at_least_the_sequence_is_global_attention():
+    local = mixers.build("attention", d_model=D, num_heads=2, window=10)
+    full = mixers.build("attention", d_model=D, num_heads=2)
+    params = full.init(jax.random.PRNGKey(1), X)
+    assert_relative_close(_apply(local, params), _apply(full, params), name="window=T")
+    narrow = mixers.build("attention", d_model=D, num_heads=2, window=3)
+    assert float(jnp.max(jnp.abs(_apply(narrow, params) - _apply(full, params)))) > 1e-3
+
+
+def test_large_softcap_is_no_softcap():
+    capped = mixers.build("attention", d_model=D, num_heads=2, softcap=1e6)
+    plain = mixers.build("attention", d_model=D, num_heads=2)
+    params = plain.init(jax.random.PRNGKey(1), X)
+    assert_relative_close(_apply(capped, params), _apply(plain, params), name="softcap")
+
+
+def test_local_attention_cache_is_the_window():
+    local = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2, window=8)
+    cache = local.init_cache(3, 10_000, jnp.bfloat16)
+    assert cache.k.shape == (3, 8, 2, 4) and cache.k.dtype == jnp.bfloat16
+    assert mixers.build("attention", d_model=D, num_heads=4).init_cache(1, 64).k.shape == (1, 64, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [({"num_heads": 4, "num_kv_heads": 3}, "num_kv_heads=3 must divide num_heads=4"),
+     ({"num_heads": 3}, "num_heads=3 must divide d_model=16"),
+     ({"window": 0}, "window=0"),
+     ({"softcap": -1.0}, "softcap=-1.0")],
+    ids=["kv_heads", "heads", "window", "softcap"])
+def test_bad_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        mixers.build("attention", d_model=D, **options)

@@ -1,0 +1,242 @@
+"""The LM backbone: shapes and values per pattern, causality, cached decoding,
+scanned layers, packed segments, Mixture-of-Depths, config validation."""
+
+import dataclasses
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effarch.layers.mod import mixture_of_depths, mixture_of_depths_reference, select_tokens
+from effarch.layers.mlp import SwiGLU, swiglu_reference
+from effarch.models import LM, LMConfig, stack_layer_params, unstack_layer_params
+from effarch.models.config import attention_layout
+from effarch.testing import assert_relative_close
+
+B, T, PREFIX = 2, 11, 5  # T awkward against the tiny mixers' chunk size 8
+
+LAYOUTS = {
+    "A": dict(pattern="A", n_layers=1),
+    "M": dict(pattern="M", n_layers=1),
+    "MA": dict(pattern="MA", n_layers=2),
+    "ratio0.25": dict(attention_ratio=0.25, n_layers=4),
+}
+
+
+def _model(**overrides):
+    cfg = LMConfig.preset("tiny", **overrides)
+    lm = LM(config=cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (B, T), 0, cfg.vocab_size)
+    variables = lm.init(jax.random.PRNGKey(1), tokens)
+    return lm, variables, tokens
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS), ids=list(LAYOUTS))
+def tiny(request):
+    lm, variables, tokens = _model(**LAYOUTS[request.param])
+    logits, aux, cache = lm.apply(variables, tokens)
+    return lm, variables, tokens, logits, aux, cache
+
+
+def test_forward_shapes(tiny):
+    lm, _, _, logits, aux, cache = tiny
+    chex.assert_shape(logits, (B, T, lm.config.vocab_size))
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+    assert cache is None
+    assert set(aux) == {"aux_loss"} and float(aux["aux_loss"]) == 0.0
+
+
+def test_prefix_consistency(tiny):
+    """Logits of a prefix equal the first positions of the full forward (causality)."""
+    lm, variables, tokens, logits, _, _ = tiny
+    prefix_logits, _, _ = lm.apply(variables, tokens[:, :PREFIX])
+    assert_relative_close(prefix_logits, logits[:, :PREFIX], name="prefix logits")
+    changed = tokens.at[:, PREFIX:].set((tokens[:, PREFIX:] + 1) % lm.config.vocab_size)
+    changed_logits, _, _ = lm.apply(variables, changed)
+    assert_relative_close(changed_logits[:, :PREFIX], logits[:, :PREFIX], name="logits before the change")
+
+
+def test_cache_decode_matches_full_forward(tiny):
+    """Prefill, then one token at a time (and one two-token step), equals one full call."""
+    lm, variables, tokens, logits, _, _ = tiny
+    cache = lm.init_cache(B, T)
+    out, _, cache = lm.apply(variables, tokens[:, :PREFIX], cache=cache)
+    pieces = [out]
+    steps = [(t, t + 1) for t in range(PREFIX, T - 2)] + [(T - 2, T)]
+    for start, stop in steps:
+        out, _, cache = lm.apply(variables, tokens[:, start:stop], cache=cache)
+        pieces.append(out)
+    assert_relative_close(jnp.concatenate(pieces, axis=1), logits, name="decoded logits")
+
+
+def test_scan_layers_matches_unscanned():
+    lm, variables, tokens = _model(pattern="MA", n_layers=4)
+    scanned = LM(config=dataclasses.replace(lm.config, scan_layers=True))
+    assert scanned.config.period == 2
+    stacked = stack_layer_params(variables, scanned.config)
+    # The converted tree has exactly the structure and shapes scanned init produces.
+    fresh = nn.unbox(jax.eval_shape(lambda: scanned.init(jax.random.PRNGKey(1), tokens)))
+    chex.assert_trees_all_equal_shapes_and_dtypes(stacked, fresh)
+
+    logits, _, _ = lm.apply(variables, tokens)
+    scanned_logits, _, _ = scanned.apply(stacked, tokens)
+    assert_relative_close(scanned_logits, logits, name="scanned logits")
+    cache = scanned.init_cache(B, T)
+    out, _, cache = scanned.apply(stacked, tokens[:, :PREFIX], cache=cache)
+    step, _, _ = scanned.apply(stacked, tokens[:, PREFIX:PREFIX + 1], cache=cache)
+    assert_relative_close(jnp.concatenate([out, step], 1), logits[:, :PREFIX + 1], name="scanned decode")
+    chex.assert_trees_all_equal(unstack_layer_params(stacked, scanned.config), nn.unbox(variables))
+
+
+@pytest.mark.slow
+def test_scan_layers_gradients_match_unscanned():
+    lm, variables, tokens = _model(pattern="MA", n_layers=4)
+    scanned = LM(config=dataclasses.replace(lm.config, scan_layers=True))
+
+    def loss(model, v):
+        logits = model.apply(v, tokens)[0]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
+
+    grads = jax.grad(lambda v: loss(lm, v))(nn.unbox(variables))
+    scanned_grads = jax.grad(lambda v: loss(scanned, v))(stack_layer_params(variables, scanned.config))
+    assert_relative_close(unstack_layer_params(scanned_grads, scanned.config), grads, name="grads")
+
+
+def test_segment_ids_packing_equals_separate_sequences():
+    lm, variables, tokens = _model(pattern="MA", n_layers=2)
+    half = PREFIX  # two segments of PREFIX tokens packed into one row
+    packed_tokens = tokens[:, : 2 * half]
+    segment_ids = jnp.repeat(jnp.arange(2, dtype=jnp.int32)[None], B, 0).repeat(half, axis=1)  # [B, 2*half]
+    packed, _, _ = lm.apply(variables, packed_tokens, segment_ids=segment_ids)
+    # The same segments as separate sequences, stacked on the batch axis: [2B, half].
+    alone, _, _ = lm.apply(variables, jnp.concatenate([packed_tokens[:, :half], packed_tokens[:, half:]], 0))
+    assert_relative_close(packed[:, :half], alone[:B], name="first segment")
+    assert_relative_close(packed[:, half:], alone[B:], name="second segment")
+
+
+def test_remat_and_untied_embeddings():
+    lm, variables, tokens = _model(pattern="A", n_layers=1, remat=True, tie_embeddings=False)
+    specs = nn.get_partition_spec(variables)["params"]
+    assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
+    assert tuple(specs["unembed"]) == ("embed", "vocab")
+    assert tuple(specs["layer_0"]["mlp"]["gate"]["kernel"]) == ("embed", "mlp")
+    plain = LM(config=dataclasses.replace(lm.config, remat=False))
+    grad = lambda model: jax.grad(lambda v: jnp.sum(model.apply(v, tokens)[0] ** 2))(variables)  # noqa: E731
+    assert_relative_close(grad(lm), grad(plain), name="remat grads")
+
+
+def test_trains_a_few_steps():
+    """Loss on one repeated batch falls under plain gradient descent."""
+    lm, variables, tokens = _model(pattern="MA", n_layers=2)
+    params = nn.unbox(variables)
+
+    @jax.jit
+    def step(params):
+        def loss(p):
+            logits = lm.apply(p, tokens)[0]
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
+        value, grads = jax.value_and_grad(loss)(params)
+        return value, jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+
+    losses = []
+    for _ in range(6):
+        value, params = step(params)
+        losses.append(float(value))
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+# --- configuration ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n_layers,ratio,expected",
+    [(8, 0.25, "MMMAMMMA"), (4, 0.5, "MAMA"), (3, 0.0, "MMM"), (3, 1.0, "AAA"), (6, 0.34, "MMAMMA")],
+    ids=["8x0.25", "4x0.5", "none", "all", "6x0.34"],
+)
+def test_attention_layout(n_layers, ratio, expected):
+    assert attention_layout(n_layers, ratio) == expected
+
+
+def test_pattern_tiles_and_layer_options():
+    cfg = LMConfig.preset("tiny", pattern="MA", n_layers=4, layer_options={3: {"num_heads": 2}})
+    assert cfg.layer_pattern == "MAMA"
+    assert cfg.layer_specs[3].mixer.num_heads == 2 and cfg.layer_specs[1].mixer.num_heads == 4
+    assert cfg.period == 4  # the override breaks the period-2 repetition
+    assert cfg.mixer_entry("A")[0] == "attention"
+    assert hash(cfg) == hash(LMConfig.preset("tiny", pattern="MA", n_layers=4, layer_options={3: {"num_heads": 2}}))
+    assert LMConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(mixers={"M": ("no_such_mixer", {})}), r"unknown mixer 'no_such_mixer'; valid: .*attention.*mamba2"),
+        (dict(pattern="MAM", n_layers=4), r"pattern='MAM' has length 3, which does not divide n_layers=4"),
+        (dict(pattern="MA", attention_ratio=0.5), "set exactly one of them"),
+        (dict(pattern="MZ"), r"pattern letter 'Z' has no mixer; known letters"),
+        (dict(mixers={"A": ("attention", {"heads": 2})}), r"no option\(s\) \['heads'\]; valid: .*num_heads"),
+        (dict(mlp="dense"), r"mlp='dense'; expected one of \('swiglu', 'moe', 'none'\)"),
+        (dict(layer_options={5: {}}), r"layer_options has key 5; expected layer indices in \[0, n_layers=2\)"),
+        (dict(mod_capacity=1.5), r"mod_capacity=1.5; expected None or a fraction in \(0, 1\]"),
+        (dict(mixers={"A": "attention"}), r"mixers\['A'\]='attention'; expected \(mixer name, options dict\)"),
+        (dict(mlp="moe", projection="bitlinear"), "use projection='dense' with MoE"),
+    ],
+    ids=["unknown-mixer", "pattern-length", "pattern-and-ratio", "unknown-letter", "bad-option",
+         "bad-mlp", "layer-index", "mod-capacity", "mixer-entry", "moe-bitlinear"],
+)
+def test_bad_config_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        LMConfig.preset("tiny", **overrides)
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"no preset 'huge'; valid: cpu-small, gpu-base, tiny"):
+        LMConfig.preset("huge")
+
+
+def test_bad_tokens_raise():
+    lm, variables, tokens = _model(pattern="A", n_layers=1)
+    with pytest.raises(ValueError, match=r"tokens has shape \(2, 11\) and dtype float32; expected an integer"):
+        lm.apply(variables, tokens.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 3\); expected \[B,T\]"):
+        lm.apply(variables, tokens, segment_ids=jnp.zeros((2, 3), jnp.int32))
+
+
+# --- layers: SwiGLU and Mixture-of-Depths -----------------------------------------
+
+
+def test_swiglu_matches_reference():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 12))
+    mlp = SwiGLU(d_ff=20)
+    variables = nn.unbox(mlp.init(jax.random.PRNGKey(1), x))
+    p = variables["params"]
+    ref = swiglu_reference(x, p["gate"]["kernel"], p["up"]["kernel"], p["down"]["kernel"])
+    assert_relative_close(mlp.apply(variables, x), ref, name="swiglu")
+
+
+def test_mixture_of_depths_matches_reference_for_per_token_block():
+    kx, ks, kw = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (B, T, 6))
+    scores = jax.random.normal(ks, (B, T))
+    w = jax.random.normal(kw, (6, 6))
+    block = lambda h: h + jnp.tanh(h @ w)  # noqa: E731  (per token)
+    out, _ = mixture_of_depths(lambda h, _: (block(h), None), x, scores, capacity=0.4)
+    assert_relative_close(out, mixture_of_depths_reference(block, x, scores, 0.4), name="mod")
+    idx = select_tokens(scores, 0.4)
+    chex.assert_shape(idx, (B, 5))  # ceil(0.4 * 11)
+    assert np.all(np.diff(np.asarray(idx), axis=1) > 0), "selected tokens keep time order"
+
+
+def test_mod_model_routes_and_refuses_cache():
+    lm, variables, tokens = _model(pattern="A", n_layers=2, mod_capacity=0.5, mod_every=2)
+    assert [spec.mod for spec in lm.config.layer_specs] == [False, True]
+    logits, aux, _ = lm.apply(variables, tokens)
+    chex.assert_shape(logits, (B, T, lm.config.vocab_size))
+    np.testing.assert_allclose(aux["mod_fraction"], 6 / 11, rtol=1e-6)  # ceil(0.5 * 11) tokens
+    router_grad = jax.grad(lambda v: jnp.sum(lm.apply(v, tokens)[0] ** 2))(variables)
+    assert np.any(nn.unbox(router_grad)["params"]["layer_1"]["router"]["kernel"] != 0)
+    with pytest.raises(ValueError, match="Mixture-of-Depths layers cannot decode from a cache"):
+        lm.init_cache(B, T)
