@@ -177,6 +177,10 @@ def generalized_delta_rule(
       ``(o, S)``: ``o [B,T,H,V]`` in ``v.dtype``; ``S [B,H,K,V]`` float32 or None.
     """
     op = "generalized_delta_rule"
+    if log_decay is None:
+        raise ValueError(
+            f"{op}: log_decay is None; expected [B,T,H,K] (zeros for no decay)."
+        )
     check_dims(
         op, {}, q=(q, "BTHK"), k=(k, "BTHK"), v=(v, "BTHV"), a=(a, "BTHK"),
         b=(b, "BTHK"), log_decay=(log_decay, "BTHK"),

@@ -331,6 +331,8 @@ def test_generalized_rejects_bad_inputs():
     x = generalized_inputs(11, 2, 8, 2, 4, 3)
     with pytest.raises(ValueError, match=r"log_decay: shape \(2, 8, 2\)"):
         ops.generalized_delta_rule(**{**x, "log_decay": x["log_decay"][..., 0]})
+    with pytest.raises(ValueError, match=re.escape("log_decay is None; expected [B,T,H,K]")):
+        ops.generalized_delta_rule(**{**x, "log_decay": None})
     with pytest.raises(ValueError, match="axis K of b is 5"):
         ops.generalized_delta_rule(**{**x, "b": jnp.zeros((2, 8, 2, 5))})
     with pytest.raises(ValueError, match="'auto', 'recurrent', 'chunked'"):
