@@ -117,7 +117,7 @@ class RWKV7Config(RWKVConfig):
       gate_lora: rank of the LoRA producing the output gate.
     """
 
-    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = ("recurrent",)
+    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = ("recurrent", "chunked")
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"head_size": 8, "decay_lora": 8, "iclr_lora": 8, "gate_lora": 8, "chunk_size": 8},
     }
