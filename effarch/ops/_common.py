@@ -101,6 +101,32 @@ def log_once(message: str) -> None:
     _log.warning(message)
 
 
+# Platforms on which each op's Pallas kernel has been compiled, checked and
+# measured faster than its XLA chunked form; "auto" picks "pallas" only there.
+# Empty: the kernels are verified in interpret mode only so far (no GPU/TPU run).
+VERIFIED_KERNELS: dict[str, tuple[str, ...]] = {}
+
+
+def auto_chunked_until_kernel_verified(op: str) -> Callable[[str], str]:
+    """The ``auto`` policy of an op with XLA ``"chunked"`` and ``"pallas"`` forms.
+
+    Returns ``"pallas"`` on platforms listed in ``VERIFIED_KERNELS[op]``, else
+    ``"chunked"``, logging once on a GPU/TPU why the kernel was not chosen.
+    """
+
+    def auto(platform_name: str) -> str:
+        if platform_name in VERIFIED_KERNELS.get(op, ()):
+            return "pallas"
+        if platform_name in ("gpu", "tpu"):
+            log_once(
+                f"{op}(implementation='auto') uses the XLA chunked form on {platform_name}: "
+                "its Pallas kernel is verified in interpret mode only; pass "
+                "implementation='pallas' to use it.")
+        return "chunked"
+
+    return auto
+
+
 def resolve_implementation(
     op: str,
     implementation: str,

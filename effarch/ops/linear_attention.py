@@ -73,7 +73,8 @@ def linear_attention(
       ValueError: shapes that fit no form, naming the arrays and their shapes.
     """
     log_decay = _check_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size)
-    impl = _common.resolve_implementation(OP, implementation, SUPPORTED, _auto)
+    impl = _common.resolve_implementation(
+        OP, implementation, SUPPORTED, _common.auto_chunked_until_kernel_verified(OP))
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if impl == "pallas":
@@ -89,15 +90,6 @@ def linear_attention(
     o, state = form(q, k, v, log_decay, scale=scale, initial_state=initial_state,
                     segment_ids=segment_ids, **kwargs)
     return o.astype(v.dtype), (state if return_final_state else None)
-
-
-def _auto(platform: str) -> str:
-    """The XLA chunked form everywhere until a kernel is measured faster."""
-    if platform in ("gpu", "tpu"):
-        _common.log_once(
-            "linear_attention(implementation='auto') uses the XLA chunked form on "
-            f"{platform}; pass implementation='pallas' for the Pallas kernel.")
-    return "chunked"
 
 
 def _check_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size):

@@ -7,7 +7,8 @@ per channel. Forms (the same numbers within tolerance):
       ``(a, x)`` compose as ``(a_r a_l, a_r x_l + x_r)``; its working set is the
       ``[B,T,D]`` output itself.
   "pallas": the kernels of ``pallas_kernels.linear_scan``.
-  "auto": "pallas" on GPU/TPU, "chunked" on CPU.
+  "auto": "chunked", until the kernel is verified on a GPU/TPU
+          (``effarch.ops._common.VERIFIED_KERNELS``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def check_inputs(x, a, initial_state, segment_ids) -> dict[str, int]:
 def resolve(implementation: str) -> str:
     """Validates ``implementation`` and resolves ``"auto"`` for this platform."""
     return _common.resolve_implementation(
-        OP, implementation, SUPPORTED, lambda p: "chunked" if p == "cpu" else "pallas"
+        OP, implementation, SUPPORTED, _common.auto_chunked_until_kernel_verified(OP)
     )
 
 

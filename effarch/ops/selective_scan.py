@@ -19,7 +19,8 @@ Forms (every one gives the same numbers within tolerance):
       the backward pass, so only chunk-boundary states are kept: memory is
       ``O(B*C*D*N + B*D*N*T/C)``, never ``[B,T,D,N]``.
   "pallas": the kernels of ``pallas_kernels.selective_scan``.
-  "auto": "pallas" on GPU/TPU, "chunked" on CPU.
+  "auto": "chunked", until the kernel is verified on a GPU/TPU
+          (``effarch.ops._common.VERIFIED_KERNELS``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids) -> d
 def resolve(implementation: str) -> str:
     """Validates ``implementation`` and resolves ``"auto"`` for this platform."""
     return _common.resolve_implementation(
-        OP, implementation, SUPPORTED, lambda p: "chunked" if p == "cpu" else "pallas"
+        OP, implementation, SUPPORTED, _common.auto_chunked_until_kernel_verified(OP)
     )
 
 
