@@ -28,7 +28,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.lax import linalg
 
 from effarch.ops._common import (
     MASKED_LOG,
@@ -50,6 +49,32 @@ ScalarLogDecay = Float[Array, "B T H"]
 ChannelLogDecay = Float[Array, "B T H K"]
 # One step of a recurrence: (state [B,H,K,V], inputs at step t) -> new state.
 Update = Callable[[jax.Array, tuple[jax.Array, ...]], jax.Array]
+
+
+def unit_lower_solve(tri: jax.Array, rhs: jax.Array) -> jax.Array:
+    """Solves ``tri @ x = rhs`` for unit lower-triangular ``tri``, by forward substitution.
+
+    ``x_i = rhs_i - sum_{j<i} tri[i, j] x_j``, one row per ``fori_loop`` step, in
+    plain XLA ops (differentiable, no LAPACK custom call: the CPU
+    ``triangular_solve`` custom call was seen to stall the XLA CPU runtime).
+    The diagonal of ``tri`` is taken as 1 and its upper triangle is ignored.
+
+    Args:
+      tri: ``[..., C, C]``.
+      rhs: ``[..., C, F]``.
+    Returns:
+      ``x [..., C, F]``.
+    """
+    c = tri.shape[-1]
+    columns = jnp.arange(c)
+
+    def row(i, x):  # rows < i of x are solved, the rest are still zero
+        lower_i = jnp.where(columns < i, jax.lax.dynamic_index_in_dim(tri, i, -2, False), 0.0)
+        rhs_i = jax.lax.dynamic_index_in_dim(rhs, i, -2, False)
+        x_i = rhs_i - jnp.einsum("...j,...jf->...f", lower_i, x)
+        return jax.lax.dynamic_update_index_in_dim(x, x_i, i, -2)
+
+    return jax.lax.fori_loop(0, c, row, jnp.zeros_like(rhs))
 
 
 def delta_rule(
@@ -363,9 +388,7 @@ def _delta_rule_chunked(
     rhs = beta[..., None] * jnp.concatenate(
         [v, entry_decay[..., None] * k], axis=-1
     )  # [B,N,H,C,V+K]
-    solved = linalg.triangular_solve(
-        tri, rhs, left_side=True, lower=True, unit_diagonal=True
-    )
+    solved = unit_lower_solve(tri, rhs)
     u, w = solved[..., :value_dim], solved[..., value_dim:]  # [B,N,H,C,V], [B,N,H,C,K]
     exit_keys = exit_decay[..., None] * k  # [B,N,H,C,K]
 
@@ -449,9 +472,7 @@ def _generalized_chunked(
     rhs = jnp.concatenate(
         [b * read_decay, jnp.einsum("bnhij,bnhjv->bnhiv", pairs(b, k, excl), v)], axis=-1
     )  # [B~ | M_bk V]: [B,N,H,C,K+V]
-    solved = linalg.triangular_solve(
-        tri, rhs, left_side=True, lower=True, unit_diagonal=True
-    )
+    solved = unit_lower_solve(tri, rhs)
     w, u = solved[..., :key_dim], solved[..., key_dim:]  # [B,N,H,C,K], [B,N,H,C,V]
 
     def across_chunks(state, xs):
