@@ -240,3 +240,12 @@ class TestBadInput:
         q, k, v, *_ = self.inputs()
         with pytest.raises(ValueError, match=r"chunk_size=0"):
             ops.linear_attention(q, k, v, chunk_size=0)
+
+
+def test_auto_keeps_xla_until_a_kernel_is_verified(monkeypatch):
+    from effarch.ops import _common
+
+    auto = _common.auto_chunked_until_kernel_verified("linear_attention")
+    assert [auto(p) for p in ("cpu", "gpu", "tpu")] == ["chunked"] * 3
+    monkeypatch.setitem(_common.VERIFIED_KERNELS, "linear_attention", ("gpu",))
+    assert [auto(p) for p in ("cpu", "gpu", "tpu")] == ["chunked", "pallas", "chunked"]
