@@ -51,20 +51,8 @@ ChannelLogDecay = Float[Array, "B T H K"]
 Update = Callable[[jax.Array, tuple[jax.Array, ...]], jax.Array]
 
 
-def unit_lower_solve(tri: jax.Array, rhs: jax.Array) -> jax.Array:
-    """Solves ``tri @ x = rhs`` for unit lower-triangular ``tri``, by forward substitution.
-
-    ``x_i = rhs_i - sum_{j<i} tri[i, j] x_j``, one row per ``fori_loop`` step, in
-    plain XLA ops (differentiable, no LAPACK custom call: the CPU
-    ``triangular_solve`` custom call was seen to stall the XLA CPU runtime).
-    The diagonal of ``tri`` is taken as 1 and its upper triangle is ignored.
-
-    Args:
-      tri: ``[..., C, C]``.
-      rhs: ``[..., C, F]``.
-    Returns:
-      ``x [..., C, F]``.
-    """
+def _forward_substitution(tri: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``x_i = rhs_i - sum_{j<i} tri[i, j] x_j``: one row per ``fori_loop`` step."""
     c = tri.shape[-1]
     columns = jnp.arange(c)
 
@@ -75,6 +63,44 @@ def unit_lower_solve(tri: jax.Array, rhs: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_index_in_dim(x, x_i, i, -2)
 
     return jax.lax.fori_loop(0, c, row, jnp.zeros_like(rhs))
+
+
+@jax.custom_vjp
+def unit_lower_solve(tri: jax.Array, rhs: jax.Array) -> jax.Array:
+    """Solves ``tri @ x = rhs`` for unit lower-triangular ``tri``, by forward substitution.
+
+    Plain XLA ops, no LAPACK custom call (the CPU ``triangular_solve`` custom
+    call was seen to stall the XLA CPU runtime). The diagonal of ``tri`` is
+    taken as 1 and its upper triangle is ignored. The backward pass is one more
+    triangular solve, with ``L^T`` (upper) solved as a row-and-column reversal.
+
+    Args:
+      tri: ``[..., C, C]``.
+      rhs: ``[..., C, F]``.
+    Returns:
+      ``x [..., C, F]``.
+    """
+    return _forward_substitution(tri, rhs)
+
+
+def _unit_lower_solve_fwd(tri, rhs):
+    x = _forward_substitution(tri, rhs)
+    return x, (tri, x)
+
+
+def _unit_lower_solve_bwd(residuals, g):
+    tri, x = residuals
+    c = tri.shape[-1]
+    strictly_lower = jnp.tril(jnp.ones((c, c), bool), -1)
+    lower = jnp.where(strictly_lower, tri, 0.0)
+    # d rhs = L^{-T} g; reversing rows and columns turns L^T into a lower matrix.
+    flipped = jnp.flip(jnp.swapaxes(lower, -1, -2), axis=(-2, -1))
+    g_rhs = jnp.flip(_forward_substitution(flipped, jnp.flip(g, axis=-2)), axis=-2)
+    g_tri = jnp.where(strictly_lower, -jnp.einsum("...if,...jf->...ij", g_rhs, x), 0.0)
+    return g_tri.astype(tri.dtype), g_rhs.astype(x.dtype)
+
+
+unit_lower_solve.defvjp(_unit_lower_solve_fwd, _unit_lower_solve_bwd)
 
 
 def delta_rule(
