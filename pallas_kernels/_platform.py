@@ -5,10 +5,17 @@ kernels run in interpret mode so anyone can check them without hardware: the
 GPU kernel by default, the TPU kernel's interpreter when the environment
 variable ``EFFARCH_PALLAS_INTERPRET=tpu`` is set (or ``backend="tpu"`` is
 passed to a kernel's ``ops`` function).
+
+``lowering_for(backend)`` compiles the real kernels for a platform this machine
+lacks, for ahead-of-time lowering (``jax.export``, ``Traced.lower(
+lowering_platforms=...)``, compile-only TPU topologies): see
+``pallas_kernels.compile_check``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 
@@ -16,6 +23,26 @@ import jax
 
 ENV_VAR = "EFFARCH_PALLAS_INTERPRET"
 BACKENDS = ("gpu", "tpu")
+_LOWERING_FOR = contextvars.ContextVar("effarch_pallas_lowering_for", default=None)
+
+
+@contextlib.contextmanager
+def lowering_for(backend: str):
+    """Within the block, kernels compile for ``backend`` whatever the local platform.
+
+    Only for lowering ahead of time for an accelerator this machine lacks; a
+    kernel called eagerly inside the block would fail to run here.
+
+    Args:
+      backend: ``"gpu"`` or ``"tpu"``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}.")
+    token = _LOWERING_FOR.set(backend)
+    try:
+        yield
+    finally:
+        _LOWERING_FOR.reset(token)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,7 +65,7 @@ def resolve_target(backend: str | None = None, interpret: bool | None = None) ->
       backend: ``None`` (by platform), ``"gpu"`` or ``"tpu"``.
       interpret: ``None`` (interpret only on CPU), or forced.
     """
-    platform = jax.default_backend()
+    platform = _LOWERING_FOR.get() or jax.default_backend()
     if backend is None:
         if platform in BACKENDS:
             backend = platform

@@ -172,10 +172,23 @@ def _causal(n, strict=False):
     return t > s if strict else t >= s
 
 
-def _diag_decay(blk: _Block, mask):
+def _diag_mask(x: Refs, blk: _Block):
+    """``[c, c, 1]`` causal, same-segment mask of a diagonal sub-block.
+
+    Built in 3D from iotas and the ``[c, 1]`` reset column: Mosaic cannot turn
+    a ``[c, c]`` mask (s on lanes) into ``[c, c, 1]`` (s on sublanes).
+    """
+    shape = (blk.n, blk.n, 1)
+    mask = _iota(shape, 0) >= _iota(shape, 1)
+    if x.r is not None:
+        mask = mask & (blk.r[:, None, :] == blk.r[None, :, :])
+    return mask
+
+
+def _diag_decay(x: Refs, blk: _Block):
     """``[c, c, K]`` decay ``exp(g_t - g_s)`` of a diagonal sub-block, masked."""
     diff = blk.g[:, None, :] - blk.g[None, :, :]
-    return jnp.exp(jnp.where(mask[:, :, None], diff, MASKED_LOG))
+    return jnp.exp(jnp.where(_diag_mask(x, blk), diff, MASKED_LOG))
 
 
 def _pair_factors(x: Refs, ch: Chunk, rows: _Block, cols: _Block, ref_row: int):
@@ -225,8 +238,7 @@ def forward_chunk(x: Refs, ch: Chunk, state, o_ref, *, scale: float, sub_chunk: 
     if x.per_channel:
         blocks = [_Block(x, ch, i * sub_chunk, sub_chunk) for i in range(C // sub_chunk)]
         for bi, blk in enumerate(blocks):
-            mask = _and(_causal(blk.n), blk.same(x, ch, blk.i, blk.n))
-            a = jnp.sum(blk.q[:, None, :] * blk.k[None, :, :] * _diag_decay(blk, mask), -1)
+            a = jnp.sum(blk.q[:, None, :] * blk.k[None, :, :] * _diag_decay(x, blk), -1)
             o = mm(a, blk.v, dtype)
             for col in blocks[:bi]:
                 fq, fk = _pair_factors(x, ch, blk, col, blk.i - 1)
@@ -270,8 +282,7 @@ def backward_chunk(x: Refs, ch: Chunk, state, dstate, outs, *, scale: float,
         blocks = [_Block(x, ch, i * sub_chunk, sub_chunk) for i in range(C // sub_chunk)]
         for bi, blk in enumerate(blocks):
             same = blk.same(x, ch, blk.i, blk.n)
-            mask = _and(_causal(blk.n), same)
-            decay = _diag_decay(blk, mask)  # [c, c, K]
+            decay = _diag_decay(x, blk)  # [c, c, K]
             da = scale * mm_nt(blk.do, blk.v, dtype)  # [c, c]
             da_strict = jnp.where(_and(_causal(blk.n, strict=True), same), da, 0.0)
             a = jnp.sum(blk.q[:, None, :] * blk.k[None, :, :] * decay, -1)

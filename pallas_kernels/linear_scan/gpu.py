@@ -13,6 +13,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+# Triton, explicitly: with no compiler params a GPU pallas_call lowers through
+# Mosaic GPU when jax_pallas_use_mosaic_gpu is on (the default in jax 0.10),
+# and these kernels are written for Triton. 2 warps: one channel of the default 64 per thread.
+TRITON = plgpu.CompilerParams(num_warps=2, num_stages=1)
 
 
 def _forward_kernel(x_ref, a_ref, h0_ref, h_ref, final_ref):
@@ -66,6 +73,7 @@ def forward(x, a, h0, *, block_d: int, interpret: bool):
             jax.ShapeDtypeStruct((batch, channels), jnp.float32),
         ],
         interpret=interpret,
+        compiler_params=TRITON,
         name="linear_scan_forward",
     )(x, a, h0)
 
@@ -83,5 +91,6 @@ def backward(a, h, h0, dh, dfinal, *, block_d: int, interpret: bool):
         out_specs=[btd, btd, bd],
         out_shape=[btd_f32, btd_f32, jax.ShapeDtypeStruct((batch, channels), jnp.float32)],
         interpret=interpret,
+        compiler_params=TRITON,
         name="linear_scan_backward",
     )(a, h, h0, dh, dfinal)

@@ -4,7 +4,9 @@ Channels lie on the 128 lanes. The grid is (batch, channel blocks, time
 chunks); the chunk axis is sequential ("arbitrary") and the state is carried
 across it in a VMEM scratch. Inside a chunk, a ``lax.fori_loop`` walks the rows
 with explicit ``pl.ds`` indexing (no ``lax.scan`` with per-step inputs, no
-cumsum: Mosaic lowers neither). The backward grid visits chunks in reverse.
+cumsum: Mosaic lowers neither), on float32 copies of the blocks
+(``pallas_kernels._tpu``: Mosaic indexes single bf16 rows only at aligned
+offsets). The backward grid visits chunks in reverse.
 Inputs arrive padded: ``LANES`` divides D and ``chunk`` divides T (ops.py).
 """
 
@@ -17,8 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-LANES = 128
-SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+from pallas_kernels._tpu import LANES, SEMANTICS, narrow, row_scratch, widen
 
 
 def _row(ref, t):
@@ -26,19 +27,22 @@ def _row(ref, t):
     return ref[pl.ds(t, 1), :].astype(jnp.float32)
 
 
-def _forward_kernel(x_ref, a_ref, h0_ref, h_ref, final_ref, carry_ref):
-    """x, a, h ``[chunk, LANES]``; h0, final, carry ``[1, LANES]``."""
+def _forward_kernel(x_ref, a_ref, h0_ref, h_ref, final_ref, carry_ref, x32, a32, h32):
+    """x, a, h ``[chunk, LANES]``; h0, final, carry ``[1, LANES]``; ``*32`` float32 scratch."""
 
     @pl.when(pl.program_id(2) == 0)
     def _():
         carry_ref[...] = h0_ref[...]
 
+    x_ref, a_ref = widen(x_ref, x32), widen(a_ref, a32)
+
     def step(t, h):
         h = _row(a_ref, t) * h + _row(x_ref, t)
-        h_ref[pl.ds(t, 1), :] = h.astype(h_ref.dtype)
+        h32[pl.ds(t, 1), :] = h
         return h
 
     carry_ref[...] = jax.lax.fori_loop(0, x_ref.shape[0], step, carry_ref[...])
+    narrow(h32, h_ref)
 
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
     def _():
@@ -46,7 +50,8 @@ def _forward_kernel(x_ref, a_ref, h0_ref, h_ref, final_ref, carry_ref):
 
 
 def _backward_kernel(
-    a_ref, h_ref, h_before_ref, dh_ref, dfinal_ref, dx_ref, da_ref, dh0_ref, g_ref
+    a_ref, h_ref, h_before_ref, dh_ref, dfinal_ref, dx_ref, da_ref, dh0_ref, g_ref,
+    a32, h32, dh32,
 ):
     """One chunk of the reverse-time adjoint; g_ref carries it between chunks.
 
@@ -56,6 +61,8 @@ def _backward_kernel(
     @pl.when(pl.program_id(2) == 0)
     def _():
         g_ref[...] = dfinal_ref[...]
+
+    a_ref, h_ref, dh_ref = widen(a_ref, a32), widen(h_ref, h32), widen(dh_ref, dh32)
 
     chunk = a_ref.shape[0]
 
@@ -93,7 +100,7 @@ def forward(x, a, h0, *, chunk: int, interpret: bool):
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             jax.ShapeDtypeStruct((batch, 1, channels), jnp.float32),
         ],
-        scratch_shapes=[pltpu.VMEM((1, LANES), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((1, LANES), jnp.float32)] + [row_scratch(chunk)] * 3,
         compiler_params=SEMANTICS,
         interpret=pltpu.InterpretParams() if interpret else False,
         name="linear_scan_forward",
@@ -118,7 +125,7 @@ def backward(a, h, h0, dh, dfinal, *, chunk: int, interpret: bool):
         in_specs=[rows, rows, before, rows, state],
         out_specs=[rows, rows, state],
         out_shape=[btd_f32, btd_f32, jax.ShapeDtypeStruct((batch, 1, channels), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((1, LANES), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((1, LANES), jnp.float32)] + [row_scratch(chunk)] * 3,
         compiler_params=SEMANTICS,
         interpret=pltpu.InterpretParams() if interpret else False,
         name="linear_scan_backward",

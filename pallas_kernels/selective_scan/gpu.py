@@ -9,8 +9,8 @@ into a per-program buffer ``[chunk, block_d, N]`` (HBM, O(B*chunk*D*N) and not
 kept after the call), then runs the adjoint backwards through the chunk.
 B and C rows are shared by groups; ``onehot [block_d, G]`` maps channels to
 groups, so a block may span groups and D need not be a multiple of D/G.
-Triton wants power-of-2 block dims: block_d, N and G (ops.py checks nothing of
-the sort in interpret mode).
+Triton wants power-of-2 sides on every loaded tile: block_d and N (ops.py pads
+both); groups are read one at a time, so G is free.
 """
 
 from __future__ import annotations
@@ -20,21 +20,38 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.selective_scan import reference as ref
 
 N_AXIS = 1  # state tiles are [block_d, N]; channel vectors [block_d, 1]
 
 
-def _by_channel(onehot, rows):
-    """Group rows ``[G, N]`` -> per-channel ``[block_d, N]`` (``onehot [block_d, G]``)."""
-    return sum(onehot[:, g : g + 1] * rows[g : g + 1, :] for g in range(rows.shape[0]))
+# Triton, explicitly: with no compiler params a GPU pallas_call lowers through
+# Mosaic GPU when jax_pallas_use_mosaic_gpu is on (the default in jax 0.10),
+# and these kernels are written for Triton. 4 warps: the [block_d, N] float32 state is 512 values at the defaults: 4 per thread.
+TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)
 
 
-def _store_by_group(out_ref, t, onehot, tile):
+# Groups are read with ref indexing, one group at a time: Triton lowers no
+# slicing of a loaded value (``lax.slice``), and G need not be a power of 2.
+
+
+def _group_column(onehot_ref, g):
+    """``[block_d, 1]``: 1 for the block's channels in group g."""
+    return onehot_ref[:, g][:, None]
+
+
+def _by_channel(onehot_ref, rows_ref, t):
+    """Row t of ``[T, G, N]`` group rows -> per-channel float32 ``[block_d, N]``."""
+    return sum(_group_column(onehot_ref, g) * rows_ref[t, g, :].astype(jnp.float32)[None, :]
+               for g in range(onehot_ref.shape[1]))
+
+
+def _store_by_group(out_ref, t, onehot_ref, tile):
     """``out[t, g] = sum of tile [block_d, N] over the channels of group g``."""
-    for g in range(onehot.shape[1]):
-        out_ref[t, g, :] = jnp.sum(onehot[:, g : g + 1] * tile, axis=0)
+    for g in range(onehot_ref.shape[1]):
+        out_ref[t, g, :] = jnp.sum(_group_column(onehot_ref, g) * tile, axis=0)
 
 
 def _column(row_ref, t):
@@ -42,14 +59,14 @@ def _column(row_ref, t):
     return row_ref[t, :].astype(jnp.float32)[:, None]
 
 
-def _step_inputs(t, x_ref, dt_ref, z_ref, B_ref, C_ref, keep_ref, onehot):
+def _step_inputs(t, x_ref, dt_ref, z_ref, B_ref, C_ref, keep_ref, onehot_ref):
     """Everything the step at time t reads, float32, in the [block_d, .] layout."""
     return dict(
         x=_column(x_ref, t),
         dt=_column(dt_ref, t),
         z=None if z_ref is None else _column(z_ref, t),
-        B=_by_channel(onehot, B_ref[t].astype(jnp.float32)),
-        C=_by_channel(onehot, C_ref[t].astype(jnp.float32)),
+        B=_by_channel(onehot_ref, B_ref, t),
+        C=_by_channel(onehot_ref, C_ref, t),
         keep=keep_ref[t],
     )
 
@@ -67,10 +84,10 @@ def _forward_kernel(*refs, gated: bool, dt_softplus: bool, chunk: int):
     A_ref, bias_ref, D_ref, B_ref, C_ref, onehot_ref, keep_ref, h0_ref = refs[:8]
     y_ref, final_ref, ckpt_ref = refs[8:]
     time, n_chunks = x_ref.shape[0], ckpt_ref.shape[0]
-    A, bias, D, onehot = A_ref[...], bias_ref[...], D_ref[...], onehot_ref[...]
+    A, bias, D = A_ref[...], bias_ref[...], D_ref[...]
 
     def step(t, h):
-        s = _step_inputs(t, x_ref, dt_ref, z_ref, B_ref, C_ref, keep_ref, onehot)
+        s = _step_inputs(t, x_ref, dt_ref, z_ref, B_ref, C_ref, keep_ref, onehot_ref)
         delta, _ = ref.step_size(s["dt"], bias, dt_softplus)
         h, y = ref.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
         y_ref[t, :] = ref.gated_output(y, s["x"], D, s["z"])[:, 0].astype(y_ref.dtype)
@@ -97,10 +114,10 @@ def _backward_kernel(*refs, gated: bool, dt_softplus: bool, chunk: int):
     dz_ref = refs.pop(0) if gated else None
     dB_ref, dC_ref, dA_ref, dD_ref, dh0_ref, states_ref = refs
     time, n_chunks = x_ref.shape[0], ckpt_ref.shape[0]
-    A, bias, D, onehot = A_ref[...], bias_ref[...], D_ref[...], onehot_ref[...]
+    A, bias, D = A_ref[...], bias_ref[...], D_ref[...]
 
     def load(t):
-        return _step_inputs(t, x_ref, dt_ref, z_ref, B_ref, C_ref, keep_ref, onehot)
+        return _step_inputs(t, x_ref, dt_ref, z_ref, B_ref, C_ref, keep_ref, onehot_ref)
 
     def chunk_body(i, carry):
         c = n_chunks - 1 - i
@@ -130,8 +147,8 @@ def _backward_kernel(*refs, gated: bool, dt_softplus: bool, chunk: int):
             ddt_ref[t, :] = grads["ddt"][:, 0]
             if gated:
                 dz_ref[t, :] = grads["dz"][:, 0]
-            _store_by_group(dB_ref, t, onehot, grads["dB"])
-            _store_by_group(dC_ref, t, onehot, grads["dC"])
+            _store_by_group(dB_ref, t, onehot_ref, grads["dB"])
+            _store_by_group(dC_ref, t, onehot_ref, grads["dC"])
             return g, dA + grads["dA"], dD + grads["dD"]
 
         return jax.lax.fori_loop(0, stop - start, reverse, carry)
@@ -199,6 +216,7 @@ def forward(x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0, *, dt_softplus, chu
             jax.ShapeDtypeStruct((batch, n_chunks, channels, state), f32),
         ],
         interpret=interpret,
+        compiler_params=TRITON,
         name="selective_scan_forward",
     )(*args, h0)
 
@@ -237,6 +255,7 @@ def backward(x, dt, z, A, dt_bias, D, B, C, onehot, keep, checkpoints, dy, dfina
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
+        compiler_params=TRITON,
         name="selective_scan_backward",
     )(*args, checkpoints, dy, dfinal))
     dx, ddt = outs.pop(0), outs.pop(0)

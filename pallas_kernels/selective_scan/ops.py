@@ -134,9 +134,13 @@ def selective_scan(
     initial_state = _float32(initial_state, (batch, channels, state))
     # Padded channels have x = 0, A = 0 and no group: their state stays zero.
     pad_d = functools.partial(_common.pad_time, multiple=config.block_d)
+    # Triton tiles want power-of-2 sides: the GPU kernel gets N padded with
+    # B = C = 0 and A = 0, so padded state entries stay zero and reach no output.
+    state_p = 1 << (state - 1).bit_length() if config.target.backend == "gpu" else state
+    pad_n = functools.partial(_common.pad_time, multiple=state_p, axis=-1)
     y, final = _scan(
-        config, pad_d(x, axis=2), pad_d(dt, axis=2), pad_d(z, axis=2), pad_d(A, axis=0),
-        pad_d(dt_bias, axis=0), pad_d(D, axis=0), B, C, pad_d(onehot, axis=0), keep,
-        pad_d(initial_state, axis=1),
+        config, pad_d(x, axis=2), pad_d(dt, axis=2), pad_d(z, axis=2),
+        pad_n(pad_d(A, axis=0)), pad_d(dt_bias, axis=0), pad_d(D, axis=0), pad_n(B), pad_n(C),
+        pad_d(onehot, axis=0), keep, pad_n(pad_d(initial_state, axis=1)),
     )
-    return y[..., :channels], final[:, :channels]
+    return y[..., :channels], final[:, :channels, :state]

@@ -8,7 +8,8 @@ rows with explicit ``pl.ds`` indexing (Mosaic lowers no per-step ``lax.scan``
 and no cumsum). The forward stores the state at the start of every chunk; the
 backward grid visits chunks in reverse, recomputes the chunk's states from its
 checkpoint into a VMEM buffer ``[chunk, N, 128]`` and runs the adjoint back
-through it. Groups: B and C arrive as ``[B,T,N,G]``; ``rows @ onehot [G,128]``
+through it. Row blocks are walked in float32 copies (``pallas_kernels._tpu``:
+Mosaic indexes single bf16 rows only at aligned offsets). Groups: B and C arrive as ``[B,T,N,G]``; ``rows @ onehot [G,128]``
 spreads them over the channels of the block (an exact f32 matmul).
 """
 
@@ -22,11 +23,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from effarch.ops import _common
+from pallas_kernels._tpu import LANES, SEMANTICS, narrow, row_scratch, widen
 from pallas_kernels.selective_scan import reference as ref
 
-LANES = 128
 N_AXIS = 0  # state tiles are [N, LANES]; channel vectors [1, LANES]
-SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 _EXACT = jax.lax.Precision.HIGHEST
 
 
@@ -59,12 +59,14 @@ def _rows_in_chunk(chunk_index, chunk, time):
 
 def _forward_kernel(*refs, gated: bool, dt_softplus: bool, time: int):
     """Refs: x, dt, [z], A, dt_bias, D, B, C, onehot, keep, h0 -> y, final,
-    checkpoint; scratch carry."""
+    checkpoint; scratch carry, y32, x32, dt32, [z32]."""
     refs = list(refs)
     x_ref, dt_ref = refs.pop(0), refs.pop(0)
     z_ref = refs.pop(0) if gated else None
     A_ref, bias_ref, D_ref, B_ref, C_ref, onehot_ref, keep_ref, h0_ref = refs[:8]
-    y_ref, final_ref, ckpt_ref, carry_ref = refs[8:]
+    y_ref, final_ref, ckpt_ref, carry_ref, y32, *wide = refs[8:]
+    x_ref, dt_ref = widen(x_ref, wide[0]), widen(dt_ref, wide[1])
+    z_ref = widen(z_ref, wide[2]) if gated else None
     c = pl.program_id(2)
     A, bias, D, onehot = A_ref[...], bias_ref[...], D_ref[...], onehot_ref[...]
 
@@ -78,11 +80,12 @@ def _forward_kernel(*refs, gated: bool, dt_softplus: bool, time: int):
         s = _step_inputs(t, x_ref, dt_ref, z_ref, B_ref, C_ref, keep_ref, onehot)
         delta, _ = ref.step_size(s["dt"], bias, dt_softplus)
         h, y = ref.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
-        y_ref[pl.ds(t, 1), :] = ref.gated_output(y, s["x"], D, s["z"]).astype(y_ref.dtype)
+        y32[pl.ds(t, 1), :] = ref.gated_output(y, s["x"], D, s["z"])
         return h
 
     rows = _rows_in_chunk(c, x_ref.shape[0], time)
     carry_ref[...] = jax.lax.fori_loop(0, rows, step, carry_ref[...])
+    narrow(y32, y_ref)
 
     @pl.when(c == pl.num_programs(2) - 1)
     def _():
@@ -91,7 +94,8 @@ def _forward_kernel(*refs, gated: bool, dt_softplus: bool, time: int):
 
 def _backward_kernel(*refs, gated: bool, dt_softplus: bool, time: int):
     """Refs: x, dt, [z], A, dt_bias, D, B, C, onehot, keep, checkpoint, dy, dfinal
-    -> dx, ddt, [dz], dB, dC, dA, dD, dh0; scratch g, dA, dD, states."""
+    -> dx, ddt, [dz], dB, dC, dA, dD, dh0; scratch g, dA, dD, states, x32, dt32,
+    dy32, [z32]."""
     refs = list(refs)
     x_ref, dt_ref = refs.pop(0), refs.pop(0)
     z_ref = refs.pop(0) if gated else None
@@ -101,7 +105,9 @@ def _backward_kernel(*refs, gated: bool, dt_softplus: bool, time: int):
     refs = refs[10:]
     dx_ref, ddt_ref = refs.pop(0), refs.pop(0)
     dz_ref = refs.pop(0) if gated else None
-    dB_ref, dC_ref, dA_ref, dD_ref, dh0_ref, g_ref, dA_acc, dD_acc, states_ref = refs
+    dB_ref, dC_ref, dA_ref, dD_ref, dh0_ref, g_ref, dA_acc, dD_acc, states_ref, *wide = refs
+    x_ref, dt_ref, dy_ref = (widen(r, w) for r, w in zip((x_ref, dt_ref, dy_ref), wide))
+    z_ref = widen(z_ref, wide[3]) if gated else None
     step_index, n_steps = pl.program_id(2), pl.num_programs(2)
     chunk_index = n_steps - 1 - step_index
     A, bias, D, onehot = A_ref[...], bias_ref[...], D_ref[...], onehot_ref[...]
@@ -213,7 +219,8 @@ def _call(is_backward, x, dt, z, A, dt_bias, D, B, C, onehot, keep, extra, *,
                 bnd,
                 jax.ShapeDtypeStruct((batch, n_chunks, state, channels), f32),
             ],
-            scratch_shapes=[pltpu.VMEM((state, LANES), f32)],
+            scratch_shapes=[pltpu.VMEM((state, LANES), f32)]
+            + [row_scratch(chunk)] * (4 if gated else 3),
             name="selective_scan_forward",
             **common,
         )(*args, jnp.swapaxes(h0, 1, 2))
@@ -238,7 +245,7 @@ def _call(is_backward, x, dt, z, A, dt_bias, D, B, C, onehot, keep, extra, *,
             pltpu.VMEM((state, LANES), f32),
             pltpu.VMEM((1, LANES), f32),
             pltpu.VMEM((chunk, state, LANES), f32),
-        ],
+        ] + [row_scratch(chunk)] * (4 if gated else 3),
         name="selective_scan_backward",
         **common,
     )(*args, checkpoints, pad(dy), jnp.swapaxes(dfinal, 1, 2)))

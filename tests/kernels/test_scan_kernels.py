@@ -63,6 +63,7 @@ SELECTIVE_CASES = {
     "T63_G2_f32_large_dt_packed": (63, 20, 4, 2, jnp.float32, 4.0, True),
     "T63_G1_bf16_tiny_dt": (63, 20, 4, 1, jnp.bfloat16, -8.0, False),
     "T200_G4_bf16": (200, 20, 4, 4, jnp.bfloat16, 0.0, True),
+    "T33_N6_G2_f32": (33, 20, 6, 2, jnp.float32, 0.0, False),  # N padded to 8 on GPU
 }
 SLOW_ON_TPU = {"T200_G4_bf16"}
 

@@ -1,0 +1,82 @@
+"""The real kernels lower, and compile where a compiler is installed, with no device.
+
+Interpret mode (the other kernel tests) proves the math. These tests prove the
+lowering: every kernel family, forward and backward, lowers to Triton kernels
+for ``cuda`` and to Mosaic kernels for ``tpu`` on this CPU. With the ``aot``
+extra (``pip install -e ".[aot]"``: libtpu and triton) they also compile: the
+TPU kernels by XLA + Mosaic for a compile-only TPU v5e, the Triton kernels to
+sm_90a cubins by ptxas. Speed still needs the device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from pallas_kernels import _platform, compile_check
+
+CASES = {case.name: case for case in compile_check.cases()}
+EXPECTED_TARGET = {"cuda": compile_check.TRITON_TARGET, "tpu": compile_check.TPU_TARGET}
+# Shared memory one program may use: 227 KiB on sm_90 (H100).
+SM90_SHARED_LIMIT = 227 * 1024
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_lower_for_platform(name, platform):
+    case = CASES[name]
+    calls = compile_check.kernel_calls(compile_check.lower(case, platform))
+    # Each forward and backward pallas_call is a real kernel, none interpreted away.
+    assert [call.target for call in calls] == [EXPECTED_TARGET[platform]] * case.kernels[platform]
+    if platform == "cuda":
+        assert len({call.name for call in calls}) == len(calls)
+        for call in calls:
+            assert call.num_warps in (1, 2, 4, 8, 16)
+            assert f"tt.func public @{call.name}" in compile_check.triton_text(call)
+
+
+def test_lowering_for_makes_kernels_compile_for_the_named_backend():
+    assert _platform.resolve_target().interpret  # this CPU
+    with _platform.lowering_for("tpu"):
+        target = _platform.resolve_target()
+        assert (target.backend, target.interpret) == ("tpu", False)
+    assert _platform.resolve_target().interpret
+
+
+def test_lowering_for_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        with _platform.lowering_for("cuda"):
+            pass
+
+
+def test_lower_rejects_unknown_platform():
+    with pytest.raises(ValueError, match="platform='gpu'"):
+        compile_check.lower(CASES["linear_scan"], "gpu")
+
+
+@pytest.fixture(scope="module")
+def tpu_topology():
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip('libtpu is not installed (pip install -e ".[aot]")')
+    return compile_check.tpu_topology("v5e:2x2")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_compile_for_tpu_v5e(name, tpu_topology):
+    memory = compile_check.compile_tpu(CASES[name], tpu_topology)
+    assert memory["output"] > 0
+
+
+@pytest.fixture(scope="module")
+def triton():
+    if not compile_check.triton_available():
+        pytest.skip('triton is not installed (pip install -e ".[aot]")')
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_kernels_compile_for_sm90(name, triton):
+    for call in compile_check.kernel_calls(compile_check.lower(CASES[name], "cuda")):
+        build = compile_check.compile_triton(call, capability=90)
+        assert 0 < build.registers <= 255, build
+        assert build.shared_bytes <= SM90_SHARED_LIMIT, build
