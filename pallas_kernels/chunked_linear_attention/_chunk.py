@@ -141,6 +141,31 @@ def _iota(shape, axis):
     return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+class _SubChunks:
+    """The sub-chunks of a chunk as a sequence of :class:`_Block`, each loaded where used.
+
+    Indexing loads the block anew instead of keeping every sub-chunk's tensors
+    live across the unrolled pair loops: on GPU those live tensors were what
+    spilled registers.
+    """
+
+    def __init__(self, x: Refs, ch: Chunk, sub_chunk: int):
+        self.x, self.ch, self.size = x, ch, sub_chunk
+
+    def __len__(self):
+        return self.ch.size // self.size
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # lazily: each block loads when the loop reaches it
+            return (self[i] for i in range(len(self))[index])
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return _Block(self.x, self.ch, index * self.size, self.size)
+
+
 class _Block:
     """Loaded quantities of rows ``i .. i+n`` of a chunk (a sub-chunk or the whole)."""
 
@@ -172,23 +197,49 @@ def _causal(n, strict=False):
     return t > s if strict else t >= s
 
 
-def _diag_mask(x: Refs, blk: _Block):
-    """``[c, c, 1]`` causal, same-segment mask of a diagonal sub-block.
+def _diag_terms(x: Refs, blk: _Block, da_strict=None):
+    """In-sub-chunk terms of per-channel decay, one key column ``s`` at a time.
 
-    Built in 3D from iotas and the ``[c, 1]`` reset column: Mosaic cannot turn
-    a ``[c, c]`` mask (s on lanes) into ``[c, c, 1]`` (s on sublanes).
+    ``a[t, s] = sum_k q[t,k] k[s,k] exp(g[t,k] - g[s,k])`` for ``s <= t`` in one
+    segment, and with ``da_strict [c, c]`` (zero unless ``s < t``) the matching
+    ``dq [c, K]`` and ``dk [c, K]``. A ``lax.fori_loop`` over the ``c`` columns
+    keeps every live tensor ``[c, K]``: the same sums as one ``[c, c, K]``
+    tensor, which spilled kilobytes of registers per thread on sm_90
+    (``benchmarks/kernel_compile.py``). Rows and columns are picked with iota
+    masks, not slices, which neither Triton nor Mosaic lowers from a value.
+
+    Returns:
+      ``a`` alone, or ``(a, dq, dk)`` when ``da_strict`` is given; float32.
     """
-    shape = (blk.n, blk.n, 1)
-    mask = _iota(shape, 0) >= _iota(shape, 1)
-    if x.r is not None:
-        mask = mask & (blk.r[:, None, :] == blk.r[None, :, :])
-    return mask
+    f32 = jnp.float32
+    n = blk.n
+    q, k, g = blk.q.astype(f32), blk.k.astype(f32), blk.g
+    row = _iota((n, 1), 0)
+    col = _iota((1, n), 1)
+    key_row = _iota(k.shape, 0)
 
+    def body(j, carry):
+        pick = lambda m: jnp.sum(jnp.where(key_row == j, m, 0.0), 0, keepdims=True)  # noqa: E731
+        k_j, g_j = pick(k), pick(g)  # [1, K]
+        mask = row >= j
+        if x.r is not None:
+            r_j = jnp.sum(jnp.where(row == j, blk.r, 0), 0, keepdims=True)
+            mask = mask & (blk.r == r_j)
+        e = jnp.exp(jnp.where(mask, g - g_j, MASKED_LOG))  # [n, K] decay from s = j to t
+        qe = q * e
+        a = carry[0] + jnp.where(col == j, jnp.sum(qe * k_j, 1, keepdims=True), 0.0)
+        if da_strict is None:
+            return (a,)
+        da_j = jnp.sum(jnp.where(col == j, da_strict, 0.0), 1, keepdims=True)  # [n, 1]
+        dq = carry[1] + da_j * e * k_j
+        dk = carry[2] + jnp.where(key_row == j, jnp.sum(da_j * qe, 0, keepdims=True), 0.0)
+        return a, dq, dk
 
-def _diag_decay(x: Refs, blk: _Block):
-    """``[c, c, K]`` decay ``exp(g_t - g_s)`` of a diagonal sub-block, masked."""
-    diff = blk.g[:, None, :] - blk.g[None, :, :]
-    return jnp.exp(jnp.where(_diag_mask(x, blk), diff, MASKED_LOG))
+    carry = (jnp.zeros((n, n), f32),)
+    if da_strict is not None:
+        carry += (jnp.zeros(k.shape, f32), jnp.zeros(k.shape, f32))
+    carry = lax.fori_loop(0, n, body, carry)
+    return carry[0] if da_strict is None else carry
 
 
 def _pair_factors(x: Refs, ch: Chunk, rows: _Block, cols: _Block, ref_row: int):
@@ -236,10 +287,9 @@ def forward_chunk(x: Refs, ch: Chunk, state, o_ref, *, scale: float, sub_chunk: 
     dtype = x.q.dtype
     C = ch.size
     if x.per_channel:
-        blocks = [_Block(x, ch, i * sub_chunk, sub_chunk) for i in range(C // sub_chunk)]
+        blocks = _SubChunks(x, ch, sub_chunk)
         for bi, blk in enumerate(blocks):
-            a = jnp.sum(blk.q[:, None, :] * blk.k[None, :, :] * _diag_decay(x, blk), -1)
-            o = mm(a, blk.v, dtype)
+            o = mm(_diag_terms(x, blk), blk.v, dtype)
             for col in blocks[:bi]:
                 fq, fk = _pair_factors(x, ch, blk, col, blk.i - 1)
                 a = mm_nt(blk.q * fq, col.k * fk, dtype)  # [c, c]
@@ -279,15 +329,12 @@ def backward_chunk(x: Refs, ch: Chunk, state, dstate, outs, *, scale: float,
     # d g_last of the carried state: rowsum_V(carry * S ∘ dS) as identical rows.
     carried_grad = None if x.g is None else _mul(state, carry) * dstate  # [K, BV]
     if x.per_channel:
-        blocks = [_Block(x, ch, i * sub_chunk, sub_chunk) for i in range(C // sub_chunk)]
+        blocks = _SubChunks(x, ch, sub_chunk)
         for bi, blk in enumerate(blocks):
             same = blk.same(x, ch, blk.i, blk.n)
-            decay = _diag_decay(x, blk)  # [c, c, K]
             da = scale * mm_nt(blk.do, blk.v, dtype)  # [c, c]
             da_strict = jnp.where(_and(_causal(blk.n, strict=True), same), da, 0.0)
-            a = jnp.sum(blk.q[:, None, :] * blk.k[None, :, :] * decay, -1)
-            dq = jnp.sum(da_strict[:, :, None] * blk.k[None, :, :] * decay, 1)  # [c, K]
-            dk = jnp.sum(da_strict[:, :, None] * blk.q[:, None, :] * decay, 0)
+            a, dq, dk = _diag_terms(x, blk, da_strict)
             dv = mm_tn(scale * a, blk.do, dtype)
             for col in blocks[:bi]:  # columns before: dq of this block
                 fq, fk = _pair_factors(x, ch, blk, col, blk.i - 1)

@@ -66,9 +66,13 @@ def _chunk_at(i, chunk: int):
     return _chunk.Chunk(start=pl.multiple_of(i * chunk, chunk), index=i, size=chunk)
 
 
-def _params(kd: int, block_v: int):
-    """4 warps while the carried ``[K, BV]`` float32 state fits 32 registers a thread, else 8."""
-    num_warps = 4 if kd * block_v <= 128 * 32 else 8
+def _params(kd: int, block_v: int, *, grads: bool = False):
+    """4 warps while the carried ``[K, BV]`` float32 state fits 32 registers a thread, else 8.
+
+    The gradient kernel holds several ``[C, K]`` and ``[C, BV]`` tiles at once
+    and always gets 8 (at 4 it spilled on sm_90: ``benchmarks/kernel_compile.py``).
+    """
+    num_warps = 4 if kd * block_v <= 128 * 32 and not grads else 8
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES)
 
 
@@ -180,7 +184,8 @@ def backward(p, do, states, dfinal, *, scale: float, chunk: int, sub_chunk: int,
     inputs["states"] = (states.reshape(b, h, n * kd, vd), _stacked_spec(n, kd, block_v))
     inputs["dstates"] = (out["dstates"], _stacked_spec(n, kd, block_v))
     grads = _chunk.call(grads_kernel, inputs, outputs, grid=(b, h, nv, n),
-                        name="chunked_linear_attention_bwd", **common)
+                        name="chunked_linear_attention_bwd",
+                        **dict(common, compiler_params=_params(kd, block_v, grads=True)))
     result = {"dq": grads["dq"].sum(0), "dk": grads["dk"].sum(0), "dv": grads["dv"],
               "ds0": out["ds0"]}
     if p.g is not None:
