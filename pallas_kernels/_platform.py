@@ -58,6 +58,28 @@ class KernelTarget:
     interpret: bool
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScanBlockSizes:
+    """Tiling shared by the scan kernels (each op's ``BlockSizes`` sets its defaults).
+
+    Attributes:
+      block_d: channels per GPU program (a power of 2; the TPU kernels always
+        use 128 lanes).
+      chunk: time rows per TPU grid step, and for the selective scan the steps
+        between state checkpoints (a positive multiple of 8).
+    """
+
+    block_d: int
+    chunk: int
+
+    def __post_init__(self):
+        block_d = self.block_d
+        if not isinstance(block_d, int) or block_d < 1 or block_d & (block_d - 1):
+            raise ValueError(f"block_d={self.block_d!r} must be a power of 2.")
+        if not isinstance(self.chunk, int) or self.chunk < 8 or self.chunk % 8:
+            raise ValueError(f"chunk={self.chunk!r} must be a positive multiple of 8.")
+
+
 def resolve_target(backend: str | None = None, interpret: bool | None = None) -> KernelTarget:
     """Chooses the kernel for the current platform.
 

@@ -18,7 +18,8 @@ from jax.experimental.pallas import triton as plgpu
 
 # Triton, explicitly: with no compiler params a GPU pallas_call lowers through
 # Mosaic GPU when jax_pallas_use_mosaic_gpu is on (the default in jax 0.10),
-# and these kernels are written for Triton. 2 warps: one channel of the default 64 per thread.
+# and these kernels are written for Triton. 2 warps: one channel of the default
+# 64 per thread.
 TRITON = plgpu.CompilerParams(num_warps=2, num_stages=1)
 
 

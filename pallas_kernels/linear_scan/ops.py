@@ -22,23 +22,12 @@ from pallas_kernels.linear_scan import gpu, tpu
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BlockSizes:
-    """Tiling of the linear-scan kernels.
-
-    Attributes:
-      block_d: channels per GPU program (a power of 2). The TPU kernel always
-        uses ``tpu.LANES`` = 128 channels per block.
-      chunk: time rows per TPU grid step (a multiple of 8).
-    """
+class BlockSizes(_platform.ScanBlockSizes):
+    """Tiling of the linear-scan kernels (see ``ScanBlockSizes``): ``block_d``
+    channels per GPU program, ``chunk`` time rows per TPU grid step."""
 
     block_d: int = 64
     chunk: int = 256
-
-    def __post_init__(self):
-        if self.block_d < 1 or self.block_d & (self.block_d - 1):
-            raise ValueError(f"block_d={self.block_d} must be a power of 2.")
-        if self.chunk < 8 or self.chunk % 8:
-            raise ValueError(f"chunk={self.chunk} must be a positive multiple of 8.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,8 @@ N_AXIS = 1  # state tiles are [block_d, N]; channel vectors [block_d, 1]
 
 # Triton, explicitly: with no compiler params a GPU pallas_call lowers through
 # Mosaic GPU when jax_pallas_use_mosaic_gpu is on (the default in jax 0.10),
-# and these kernels are written for Triton. 4 warps: the [block_d, N] float32 state is 512 values at the defaults: 4 per thread.
+# and these kernels are written for Triton. 4 warps: the [block_d, N] float32
+# state is 512 values at the defaults, 4 per thread.
 TRITON = plgpu.CompilerParams(num_warps=4, num_stages=1)
 
 

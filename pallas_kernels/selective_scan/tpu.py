@@ -9,8 +9,9 @@ and no cumsum). The forward stores the state at the start of every chunk; the
 backward grid visits chunks in reverse, recomputes the chunk's states from its
 checkpoint into a VMEM buffer ``[chunk, N, 128]`` and runs the adjoint back
 through it. Row blocks are walked in float32 copies (``pallas_kernels._tpu``:
-Mosaic indexes single bf16 rows only at aligned offsets). Groups: B and C arrive as ``[B,T,N,G]``; ``rows @ onehot [G,128]``
-spreads them over the channels of the block (an exact f32 matmul).
+Mosaic indexes single bf16 rows only at aligned offsets). Groups: B and C
+arrive as ``[B,T,N,G]``; ``rows @ onehot [G,128]`` spreads them over the
+channels of the block (an exact f32 matmul).
 """
 
 from __future__ import annotations
