@@ -307,7 +307,7 @@ def forward_chunk(x: Refs, ch: Chunk, state, o_ref, *, scale: float, sub_chunk: 
         ch.store(o_ref, 0, scale * o)
 
 
-def backward_chunk(x: Refs, ch: Chunk, state, dstate, outs, *, scale: float,
+def backward_chunk(x: Refs, ch: Chunk, load_state, load_dstate, outs, *, scale: float,
                    sub_chunk: int) -> None:
     """Writes the chunk's gradient rows.
 
@@ -318,16 +318,14 @@ def backward_chunk(x: Refs, ch: Chunk, state, dstate, outs, *, scale: float,
 
     Args:
       x: input refs (``do`` included); ch: the chunk.
-      state: ``[K, BV]`` float32 state entering the chunk (from the forward).
-      dstate: ``[K, BV]`` float32 gradient of the state leaving the chunk.
+      load_state: returns the ``[K, BV]`` float32 state entering the chunk (from
+        the forward); load_dstate: returns the ``[K, BV]`` float32 gradient of
+        the state leaving it. Loaded where each sub-chunk uses them rather than
+        held across the whole chunk (registers, on GPU).
       outs: dict of output refs ``dq, dk [T,K]``, ``dv [T,BV]``, ``dga, dgb [T,Kg]``.
     """
     dtype = x.q.dtype
     C = ch.size
-    tot = _tot(x, ch)
-    carry = None if tot is None else jnp.exp(tot)  # [Kg, 1]
-    # d g_last of the carried state: rowsum_V(carry * S ∘ dS) as identical rows.
-    carried_grad = None if x.g is None else _mul(state, carry) * dstate  # [K, BV]
     if x.per_channel:
         blocks = _SubChunks(x, ch, sub_chunk)
         for bi, blk in enumerate(blocks):
@@ -352,7 +350,7 @@ def backward_chunk(x: Refs, ch: Chunk, state, dstate, outs, *, scale: float,
                     a, da = jnp.where(cross, a, 0.0), jnp.where(cross, da, 0.0)
                 dk = dk + mm_tn(da, qf, dtype) * fk
                 dv = dv + mm_tn(scale * a, row.do, dtype)
-            _finish_block(x, ch, blk, dq, dk, dv, state, dstate, carried_grad,
+            _finish_block(x, ch, blk, dq, dk, dv, load_state, load_dstate,
                           last=bi == len(blocks) - 1, outs=outs, scale=scale)
     else:
         blk = _Block(x, ch, 0, C)
@@ -365,12 +363,12 @@ def backward_chunk(x: Refs, ch: Chunk, state, dstate, outs, *, scale: float,
         dq = mm(dp, blk.k, dtype)
         dk = mm_tn(dp, blk.q, dtype)
         dv = mm_tn(a, blk.do, dtype)
-        _finish_block(x, ch, blk, dq, dk, dv, state, dstate, carried_grad,
+        _finish_block(x, ch, blk, dq, dk, dv, load_state, load_dstate,
                       last=True, outs=outs, scale=scale)
 
 
-def _finish_block(x: Refs, ch: Chunk, blk: _Block, dq, dk, dv, state, dstate,
-                  carried_grad, *, last: bool, outs, scale: float):
+def _finish_block(x: Refs, ch: Chunk, blk: _Block, dq, dk, dv, load_state, load_dstate,
+                  *, last: bool, outs, scale: float):
     """Adds the diagonal and state terms to the strict in-chunk gradients and stores.
 
     ``dq``, ``dk`` hold the strictly causal in-chunk terms (``s < t``), ``dv``
@@ -379,9 +377,9 @@ def _finish_block(x: Refs, ch: Chunk, blk: _Block, dq, dk, dv, state, dstate,
     dtype = x.q.dtype
     q, k = blk.q.astype(jnp.float32), blk.k.astype(jnp.float32)
     diag = scale * jnp.sum(blk.do.astype(jnp.float32) * blk.v, 1, keepdims=True)  # [n, 1]
-    dq_in = scale * _mul(mm_nt(blk.do, state, dtype), blk.f_in)  # [n, K]
-    dk_out = _mul(mm_nt(blk.v, dstate, dtype), blk.f_out)  # [n, K]
-    dv = dv + mm(_mul(blk.k, blk.f_out), dstate, dtype)
+    dq_in = scale * _mul(mm_nt(blk.do, load_state(), dtype), blk.f_in)  # [n, K]
+    dk_out = _mul(mm_nt(blk.v, load_dstate(), dtype), blk.f_out)  # [n, K]
+    dv = dv + mm(_mul(blk.k, blk.f_out), load_dstate(), dtype)
     ch.store(outs["dq"], blk.i, dq + diag * k + dq_in)
     ch.store(outs["dk"], blk.i, dk + diag * q + dk_out)
     ch.store(outs["dv"], blk.i, dv)
@@ -390,6 +388,9 @@ def _finish_block(x: Refs, ch: Chunk, blk: _Block, dq, dk, dv, state, dstate,
     dga = q * (dq + dq_in) - k * dk  # [n, K]
     dgb = k * dk_out
     if last:  # d g_last of the carried state, kept on the chunk's last row.
+        # rowsum_V(carry * S ∘ dS) as identical rows.
+        tot = _tot(x, ch)
+        carried_grad = _mul(load_state(), None if tot is None else jnp.exp(tot)) * load_dstate()
         ones = jnp.ones((blk.n, carried_grad.shape[1]), jnp.float32)
         d_tot = mm_nt(ones, carried_grad, jnp.float32)  # [n, K], rows identical
         dga = dga + jnp.where(_iota(dga.shape, 0) == blk.n - 1, d_tot, 0.0)

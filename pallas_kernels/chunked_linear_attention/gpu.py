@@ -177,8 +177,8 @@ def backward(p, do, states, dfinal, *, scale: float, chunk: int, sub_chunk: int,
 
     def grads_kernel(refs):
         ch = _chunk_at(pl.program_id(3), chunk)
-        _chunk.backward_chunk(_chunk.refs_of(refs), ch, ch.block(refs["states"], kd),
-                              ch.block(refs["dstates"], kd), refs, scale=scale,
+        _chunk.backward_chunk(_chunk.refs_of(refs), ch, lambda: ch.block(refs["states"], kd),
+                              lambda: ch.block(refs["dstates"], kd), refs, scale=scale,
                               sub_chunk=sub_chunk)
 
     inputs["states"] = (states.reshape(b, h, n * kd, vd), _stacked_spec(n, kd, block_v))

@@ -150,8 +150,8 @@ def backward(p, do, states, dfinal, *, scale: float, chunk: int, sub_chunk: int,
 
         x = _chunk.refs_of(refs)
         dstate = carry[...]
-        _chunk.backward_chunk(x, ch, refs["states"][...], dstate, refs, scale=scale,
-                              sub_chunk=sub_chunk)
+        _chunk.backward_chunk(x, ch, lambda: refs["states"][...], lambda: dstate, refs,
+                              scale=scale, sub_chunk=sub_chunk)
         dstate = _chunk.previous_dstate(x, ch, dstate, scale=scale)
         carry[...] = dstate
 
