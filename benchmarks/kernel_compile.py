@@ -78,6 +78,40 @@ def tpu_rows(case, topologies) -> list[dict]:
     return rows
 
 
+def _compiler_versions() -> dict:
+    """Versions of libtpu and triton as installed (None where absent)."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("libtpu", "triton"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_markdown(path: str, rows: list[dict]) -> None:
+    """The GPU rows and the TPU rows as two Markdown tables."""
+    gpu = [r for r in rows if r["target"].startswith("sm_") or r["target"] == "cuda"]
+    tpu = [r for r in rows if r not in gpu]
+    tables = [
+        (gpu, ("case", "target", "kernel", "status", "registers", "spill_stores",
+               "spill_loads", "shared_bytes", "num_warps")),
+        (tpu, ("case", "target", "status", "output_bytes", "temp_bytes")),
+    ]
+    lines = []
+    for table, columns in tables:
+        if not table:
+            continue
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in table]
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print(f"saved {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capability", type=int, nargs="*", default=[90],
@@ -88,6 +122,7 @@ def main(argv=None):
                         help="a Python that can import triton (default: this one)")
     parser.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
     parser.add_argument("--output", default="results/kernel_compile.json")
+    parser.add_argument("--markdown", default=None, help="also write the table as Markdown")
     args = parser.parse_args(argv)
 
     cases = [c for c in compile_check.cases()
@@ -111,7 +146,9 @@ def main(argv=None):
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows) - len(failed)} compiled, {len(failed)} failed")
     harness.save_json(args.output, rows, capabilities=capabilities,
-                      tpu_topologies=list(topologies))
+                      tpu_topologies=list(topologies), compilers=_compiler_versions())
+    if args.markdown:
+        write_markdown(args.markdown, rows)
     return 1 if failed else 0
 
 
