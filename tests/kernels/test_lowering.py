@@ -80,3 +80,42 @@ def test_triton_kernels_compile_for_sm90(name, triton):
         build = compile_check.compile_triton(call, capability=90)
         assert 0 < build.registers <= 255, build
         assert build.shared_bytes <= SM90_SHARED_LIMIT, build
+
+
+def _public_ops_calls():
+    """``effarch.ops`` with ``implementation="pallas"``: the path models take."""
+    import jax
+    import jax.numpy as jnp
+
+    from effarch import ops
+
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    sds = jax.ShapeDtypeStruct
+    return {
+        "linear_attention": (
+            lambda q, k, v, ld: ops.linear_attention(q, k, v, ld, implementation="pallas")[0],
+            (sds((1, 128, 2, 64), bf16),) * 3 + (sds((1, 128, 2, 64), f32),)),
+        "selective_scan": (
+            lambda x, dt, A, B, C: ops.selective_scan(x, dt, A, B, C, implementation="pallas")[0],
+            (sds((1, 64, 128), bf16),) * 2 + (sds((128, 16), f32),)
+            + (sds((1, 64, 1, 16), bf16),) * 2),
+        "linear_scan": (
+            lambda x, a: ops.linear_scan(x, a, implementation="pallas")[0],
+            (sds((1, 64, 256), bf16),) * 2),
+    }
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("op", ["linear_attention", "selective_scan", "linear_scan"])
+def test_public_ops_lower_to_kernels(op, platform):
+    import jax
+
+    fn, args = _public_ops_calls()[op]
+
+    def forward_and_backward(*xs):
+        return jax.grad(lambda *ys: fn(*ys).astype(jax.numpy.float32).sum(),
+                        argnums=tuple(range(len(xs))))(*xs)
+
+    case = compile_check.Case(op, op, forward_and_backward, args, kernels={})
+    calls = compile_check.kernel_calls(compile_check.lower(case, platform))
+    assert calls and {call.target for call in calls} == {EXPECTED_TARGET[platform]}
