@@ -107,7 +107,9 @@ def chunked_linear_attention(q, k, v, log_decay, *, scale: float, initial_state,
       initial_state: None or ``[B,H,K,V]`` float32 (feeds the first segment).
       return_final_state: return the state after the last step.
       segment_ids: None or ``[B,T]`` int.
-      chunk_size: chunk length ``C`` (``block_sizes.chunk`` overrides it).
+      chunk_size: chunk length ``C``, rounded up to what the kernel tiles (a
+        power of two >= 16 on GPU, a multiple of 8 on TPU);
+        ``block_sizes.chunk`` overrides it and is not rounded.
       backend, interpret: see ``pallas_kernels._platform.resolve_target``.
       block_sizes: tiling; defaults per backend.
 
@@ -125,7 +127,6 @@ def chunked_linear_attention(q, k, v, log_decay, *, scale: float, initial_state,
 
 
 def _config(target, blocks: BlockSizes, chunk_size: int, kd: int, vd: int, scale) -> _Config:
-    chunk = blocks.chunk or chunk_size
     gpu_target = target.backend == "gpu"
     if gpu_target:
         pad = lambda d: max(16, 1 << (d - 1).bit_length())
@@ -135,8 +136,12 @@ def _config(target, blocks: BlockSizes, chunk_size: int, kd: int, vd: int, scale
         pad = lambda d: -(-d // 128) * 128
         ok = lambda n: n % 8 == 0
         rule = "a multiple of 8 on TPU"
+    # ``chunk_size`` is the op's tuning hint (the numbers do not depend on it):
+    # the kernel rounds it up to a size it can tile. ``BlockSizes.chunk`` is an
+    # explicit request and must already be one.
+    chunk = blocks.chunk or (pad(chunk_size) if gpu_target else -(-chunk_size // 8) * 8)
     if not ok(chunk):
-        raise ValueError(f"chunk size {chunk} (chunk_size or BlockSizes.chunk) must be {rule}.")
+        raise ValueError(f"BlockSizes.chunk={chunk} must be {rule}.")
     sub_chunk = blocks.sub_chunk or min(16, chunk)
     if not ok(sub_chunk) or chunk % sub_chunk:
         raise ValueError(f"BlockSizes.sub_chunk={sub_chunk} must be {rule} and divide "

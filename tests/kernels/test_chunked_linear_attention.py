@@ -163,6 +163,20 @@ def test_segments_equal_separate_runs():
     assert_relative_close(final, last, jnp.float32, "final state of the last segment")
 
 
+@pytest.mark.parametrize("backend,chunk_size", [("gpu", 8), ("tpu", 12)])
+def test_chunk_size_hint_rounds_up_to_a_kernel_tile(backend, chunk_size):
+    # Mixer presets use chunk_size=8; the GPU kernel tiles 16, the TPU kernel rounds 12 to 16.
+    keys = jax.random.split(jax.random.PRNGKey(7), 4)
+    q, k, v = (jax.random.normal(key, (1, 21, 2, 8)) for key in keys[:3])
+    log_decay = -jax.random.uniform(keys[3], (1, 21, 2))
+    kwargs = dict(scale=0.3, initial_state=None, return_final_state=True, segment_ids=None)
+    o, final = chunked_linear_attention(q, k, v, log_decay, chunk_size=chunk_size,
+                                        backend=backend, interpret=True, **kwargs)
+    o_ref, final_ref = chunked_linear_attention_reference(q, k, v, log_decay, **kwargs)
+    assert_relative_close(o, o_ref, jnp.float32, "o")
+    assert_relative_close(final, final_ref, jnp.float32, "final state")
+
+
 @pytest.mark.parametrize(
     "backend,blocks,message",
     [("gpu", BlockSizes(chunk=24), "power of two"),
