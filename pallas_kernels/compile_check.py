@@ -90,8 +90,8 @@ def _chunked_case(decay: str, kd: int, *, segments: bool = False) -> Case:
     if decay_shape:
         args += (_sds(decay_shape, f32),)
     name = f"chunked_linear_attention/{decay}/K{kd}" + ("/segments" if segments else "")
-    # GPU: states + outputs forward, dstates + grads backward (the forward runs
-    # again inside grad); TPU: one fused kernel per pass.
+    # GPU: states + outputs forward, dstates + grads backward; TPU: one fused
+    # kernel per pass.
     return Case(name, "chunked_linear_attention", _value_and_grads(fn), args,
                 kernels={"cuda": 4, "tpu": 2})
 
