@@ -15,7 +15,7 @@ from effarch.layers.linear import (
 )
 from effarch.layers.norms import rms_normalize
 from effarch.models import LM, LMConfig
-from effarch.testing import assert_relative_close
+from effarch.testing import assert_relative_close, descent_losses
 
 
 def test_ternary_weights_by_hand():
@@ -87,16 +87,5 @@ def test_bitlinear_model_trains():
     params = nn.unbox(lm.init(jax.random.PRNGKey(1), tokens))
     assert "kernel" in params["params"]["layer_0"]["mlp"]["gate"]
 
-    @jax.jit
-    def step(params):
-        def loss(p):
-            logits = lm.apply(p, tokens)[0]
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
-        value, grads = jax.value_and_grad(loss)(params)
-        return value, jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
-
-    losses = []
-    for _ in range(6):
-        value, params = step(params)
-        losses.append(float(value))
+    losses = descent_losses(lm, params, tokens)
     assert losses[-1] < losses[0] - 0.1, losses

@@ -14,7 +14,7 @@ from effarch.layers.mod import mixture_of_depths, mixture_of_depths_reference, s
 from effarch.layers.mlp import SwiGLU, swiglu_reference
 from effarch.models import LM, LMConfig, stack_layer_params, unstack_layer_params
 from effarch.models.config import attention_layout
-from effarch.testing import assert_relative_close
+from effarch.testing import assert_relative_close, descent_losses
 
 B, T, PREFIX = 2, 11, 5  # T awkward against the tiny mixers' chunk size 8
 
@@ -133,18 +133,7 @@ def test_trains_a_few_steps():
     lm, variables, tokens = _model(pattern="MA", n_layers=2)
     params = nn.unbox(variables)
 
-    @jax.jit
-    def step(params):
-        def loss(p):
-            logits = lm.apply(p, tokens)[0]
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
-        value, grads = jax.value_and_grad(loss)(params)
-        return value, jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
-
-    losses = []
-    for _ in range(6):
-        value, params = step(params)
-        losses.append(float(value))
+    losses = descent_losses(lm, params, tokens)
     assert losses[-1] < losses[0] - 0.1, losses
 
 
