@@ -34,6 +34,10 @@ import jax.numpy as jnp
 
 from pallas_kernels import _platform
 
+# Compile-only TPU topologies load libtpu, which by default allows one process
+# per machine (a lockfile); test workers and this module's users may be several.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 TRITON_TARGET = "__gpu$xla.gpu.triton"
 MOSAIC_GPU_TARGETS = ("mosaic_gpu", "mosaic_gpu_v2")
 TPU_TARGET = "tpu_custom_call"
