@@ -41,6 +41,26 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return steps - start_step
 
 
+def token_positions(length: int, *, start=None, segment_ids=None) -> jax.Array:
+    """Rotary positions of ``length`` new tokens.
+
+    Args:
+      length: tokens in this call.
+      start: position of the first one when decoding from a cache (an int
+        array), else None.
+      segment_ids: ``[B,T]`` ids of packed sequences (positions restart in
+        each); ignored when ``start`` is given.
+
+    Returns:
+      ``[T]`` (from ``start``, or from 0) or ``[B,T]`` (per segment).
+    """
+    if start is not None:
+        return start + jnp.arange(length)
+    if segment_ids is not None:
+        return segment_positions(segment_ids)
+    return jnp.arange(length)
+
+
 def apply_rotary(
     x: jax.Array,
     positions: jax.Array,

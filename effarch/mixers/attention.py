@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from effarch import ops
 from effarch.layers.norms import RMSNorm
-from effarch.layers.rotary import apply_rotary, rotary_dim, segment_positions
+from effarch.layers.rotary import apply_rotary, rotary_dim, token_positions
 from effarch.mixers import _recurrence as rec
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
 
@@ -136,12 +136,8 @@ class Attention(Mixer):
             q = RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="q_norm")(q)
             k = RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="k_norm")(k)
         if cfg.rotary_fraction > 0 and rotary_dim(dh, cfg.rotary_fraction) > 0:
-            if cache is not None:
-                positions = cache.position + jnp.arange(t)  # [T]
-            elif segment_ids is not None:
-                positions = segment_positions(segment_ids)  # [B,T]
-            else:
-                positions = jnp.arange(t)
+            positions = token_positions(t, start=None if cache is None else cache.position,
+                                        segment_ids=segment_ids)
             q = apply_rotary(q, positions, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
             k = apply_rotary(k, positions, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effarch.layers.norms import HEAD_NORM_KINDS, HeadNorm
-from effarch.layers.rotary import apply_rotary, segment_positions
+from effarch.layers.rotary import apply_rotary, token_positions
 from effarch.mixers import _recurrence as rec
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
 
@@ -96,12 +96,8 @@ class RetNet(Mixer):
         q = rec.split_heads(self.proj(cfg.d_model, "q_proj")(x), h)  # [B,T,H,K]
         k = rec.split_heads(self.proj(cfg.d_model, "k_proj")(x), h)
         v = rec.split_heads(self.proj(cfg.value_dim, "v_proj")(x), h)  # [B,T,H,V]
-        if cache is not None:
-            positions = cache.position + jnp.arange(t)  # [T]
-        elif segment_ids is not None:
-            positions = segment_positions(segment_ids)  # [B,T]
-        else:
-            positions = jnp.arange(t)
+        positions = token_positions(t, start=None if cache is None else cache.position,
+                                    segment_ids=segment_ids)
         q = apply_rotary(q, positions, base=cfg.rotary_base)
         k = apply_rotary(k, positions, base=cfg.rotary_base)
         o, cache = rec.run_linear_attention(q, k, v, retention_log_decay(h), cache=cache,

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from effarch.layers.norms import GatedRMSNorm, HeadNorm, LayerNorm, RMSNorm
-from effarch.layers.rotary import apply_rotary, apply_rotary_reference, segment_positions
+from effarch.layers.rotary import (
+    apply_rotary,
+    apply_rotary_reference,
+    segment_positions,
+    token_positions,
+)
 from effarch.testing import assert_relative_close
 
 X = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 12)) * 3 + 1
@@ -56,3 +61,12 @@ def test_rotary_matches_complex_reference_and_is_relative(fraction):
 def test_segment_positions():
     ids = jnp.array([[3, 3, 3, 1, 1, 7], [0, 0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(segment_positions(ids), [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+
+
+def test_token_positions_from_cache_segments_or_zero():
+    ids = jnp.array([[0, 0, 1, 1, 1]])
+    np.testing.assert_array_equal(token_positions(3, start=jnp.array(7)), [7, 8, 9])
+    np.testing.assert_array_equal(token_positions(5, segment_ids=ids), [[0, 1, 0, 1, 2]])
+    np.testing.assert_array_equal(token_positions(4), [0, 1, 2, 3])
+    # Decoding from a cache continues its position whatever the ids say.
+    np.testing.assert_array_equal(token_positions(2, start=jnp.array(3), segment_ids=ids[:, :2]), [3, 4])
