@@ -156,8 +156,9 @@ class LM(nn.Module):
     config: LMConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, cache: Any = None):
-        """Logits of the next token at every position.
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, cache: Any = None,
+                 logit_positions: jax.Array | None = None):
+        """Logits of the next token at every position (or at ``logit_positions``).
 
         Args:
           tokens: ``[B, T]`` int token ids in ``[0, vocab_size)``.
@@ -165,9 +166,14 @@ class LM(nn.Module):
             information crosses a change of id. Not allowed with a cache.
           cache: None for a full sequence from scratch, or the caches from
             :meth:`init_cache` / a previous call to continue from.
+          logit_positions: optional ``int [B, P]`` positions in ``[0, T)``; the
+            logits are computed there only (``[B, P, vocab_size]``), which saves
+            the ``[B, T, vocab]`` tensor when few positions are scored (e.g.
+            the queries of a recall task).
 
         Returns:
-          ``logits [B, T, vocab_size]`` float32, ``aux`` (dict of float32
+          ``logits [B, T, vocab_size]`` (``[B, P, vocab_size]`` with
+          ``logit_positions``) float32, ``aux`` (dict of float32
           scalars, always with ``"aux_loss"``), and the updated cache (None
           when ``cache`` is None).
         """
@@ -210,6 +216,13 @@ class LM(nn.Module):
                 total = _add_metrics(total, aux)
             cache = None if cache is None else tuple(new_caches)
 
+        if logit_positions is not None:
+            if logit_positions.ndim != 2 or logit_positions.shape[0] != tokens.shape[0]:
+                raise ValueError(
+                    f"LM: logit_positions has shape {tuple(logit_positions.shape)}; expected [B,P] with "
+                    f"B={tokens.shape[0]} like tokens."
+                )
+            x = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)  # [B, P, D]
         x = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             head = embed.embedding.T  # [D, vocab]
