@@ -275,6 +275,7 @@ def train_settings(
     b2: float = 0.999,
     grad_clip: float = 1.0,
     eval_batch_size: int | None = None,
+    select: str = "accuracy",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Trains one model under every setting at once; returns held-out accuracy per setting.
@@ -293,16 +294,20 @@ def train_settings(
       warmup_steps, min_lr_ratio: linear warmup, then cosine decay to ``lr * min_lr_ratio``.
       b1, b2, grad_clip: AdamW moments and global-norm clipping (0: none).
       eval_batch_size: rows per evaluation batch (default ``batch_size``).
+      select: which setting is ``"best"``: highest best test ``"accuracy"``, or
+        lowest final test ``"loss"`` (language modelling).
       log: called with a line at each evaluation.
 
     Returns:
       ``{"settings": [{"lr", "weight_decay", "accuracy", "best_accuracy", "loss"}],
-      "best": the setting with the highest best_accuracy, "steps": updates run,
+      "best": the selected setting, "steps": updates run,
       "stopped_early": bool, "curve": [{"step", "accuracy": [per setting]}],
       "params": parameter count, "wall_s"}``.
     """
     if not settings:
         raise ValueError("settings is empty; pass at least one Setting(lr=...).")
+    if select not in ("accuracy", "loss"):
+        raise ValueError(f"select={select!r}; expected 'accuracy' or 'loss'.")
     for name, value in (("batch_size", batch_size), ("steps", steps), ("eval_every", eval_every)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}; expected a positive int.")
@@ -380,7 +385,8 @@ def train_settings(
             best_acc = np.maximum(best_acc, acc)
             curve.append({"step": step, "accuracy": acc.round(4).tolist()})
             if log is not None:
-                log(f"step {step}/{steps}: accuracy " + " ".join(f"{a:.3f}" for a in acc))
+                log(f"step {step}/{steps}: accuracy " + " ".join(f"{a:.3f}" for a in acc)
+                    + "; loss " + " ".join(f"{v:.3f}" for v in loss))
             if target_accuracy is not None and acc.max() >= target_accuracy:
                 stopped_early = step < steps
                 break
@@ -389,7 +395,13 @@ def train_settings(
          "loss": float(loss[i])}
         for i, s in enumerate(settings)
     ]
-    best = max(rows_out, key=lambda r: (r["best_accuracy"], -r["loss"] if math.isfinite(r["loss"]) else -math.inf))
+    def finite_loss(r):
+        return r["loss"] if math.isfinite(r["loss"]) else math.inf
+
+    if select == "loss":
+        best = min(rows_out, key=finite_loss)
+    else:
+        best = max(rows_out, key=lambda r: (r["best_accuracy"], -finite_loss(r)))
     return {"settings": rows_out, "best": best, "steps": step, "stopped_early": stopped_early, "curve": curve,
             "params": num_params, "wall_s": time.perf_counter() - start}
 
@@ -399,3 +411,30 @@ def state_bytes(mixer_or_model: Any, *, batch_size: int = 1, max_len: int) -> in
     cache = mixer_or_model.init_cache(batch_size, max_len, jnp.float32)
     total = sum(int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(cache))
     return total // batch_size
+
+
+def text_examples(data: np.ndarray, *, seq_len: int, num_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token examples from a token stream: ``num_rows`` windows of ``seq_len + 1`` tokens.
+
+    Windows start at distinct multiples of ``seq_len + 1`` drawn at random (so
+    they never overlap); every position is labelled with the next token.
+
+    Args:
+      data: ``[N]`` token stream (e.g. ``Corpus.data``, bytes).
+      seq_len: tokens T per row.
+      num_rows: rows wanted; at most ``len(data) // (seq_len + 1)``.
+      seed: which windows.
+
+    Returns:
+      ``inputs, targets`` int32 ``[num_rows, seq_len]``, targets the inputs shifted by one.
+    """
+    data = np.asarray(data)
+    available = len(data) // (seq_len + 1)
+    if num_rows > available:
+        raise ValueError(
+            f"num_rows={num_rows} windows of seq_len + 1 = {seq_len + 1} tokens do not fit in {len(data)} "
+            f"tokens (at most {available}); use fewer rows, shorter rows or a larger corpus."
+        )
+    starts = np.random.default_rng(seed).choice(available, size=num_rows, replace=False) * (seq_len + 1)
+    windows = data[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32)  # [num_rows, T + 1]
+    return windows[:, :-1], windows[:, 1:]
