@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# DESIGN.md section 5: relative RMS error against the float32 reference.
+# docs/design.md §5: relative RMS error against the float32 reference.
 TOLERANCE = {"float32": 2e-3, "bfloat16": 1e-2, "float16": 1e-2}
 
 
@@ -24,7 +24,7 @@ def relative_rmse(out, ref) -> float:
 
 
 def tolerance(dtype) -> float:
-    """The DESIGN.md tolerance for inputs of ``dtype``."""
+    """The docs/design.md §5 tolerance for inputs of ``dtype``."""
     return TOLERANCE[jnp.dtype(dtype).name]
 
 

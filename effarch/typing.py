@@ -20,7 +20,7 @@ DType = Any
 PyTree = Any
 ArrayLike = Union[jax.Array, np.ndarray]
 
-# Inputs of the one recurrence (DESIGN.md section 1).
+# Inputs of the one recurrence (docs/design.md §1).
 Queries = Float[Array, "B T H K"]
 Keys = Float[Array, "B T H K"]
 Values = Float[Array, "B T H V"]

@@ -6,7 +6,7 @@
 For each op the first implementation listed is the reference (the float32
 recurrence, or plain softmax attention). Every other form is compared with it,
 on the outputs and on the gradients of a random projection of the outputs,
-as relative RMS error: rmse(out - ref) / rms(ref). DESIGN.md section 5 asks for
+as relative RMS error: rmse(out - ref) / rms(ref). docs/design.md §5 asks for
 at most 2e-3 in float32. ``pallas`` runs the kernels in interpret mode on a CPU.
 """
 

@@ -1,6 +1,6 @@
 """Causal softmax attention: MHA, GQA, MQA, sliding window, QK-norm, softcap.
 
-The unbounded-state limit of the one recurrence (DESIGN.md section 1): the
+The unbounded-state limit of the one recurrence (docs/design.md §1): the
 "state" is the KV cache. ``num_kv_heads`` picks MHA (= num_heads), GQA or MQA
 (1; Shazeer, 2019; Ainslie et al., 2023). Rotary positions (Su et al., 2021),
 optional RMS QK-norm (Dehghani et al., 2023) and a tanh logit softcap

@@ -1,4 +1,4 @@
-"""The math of every mixer, in pure JAX, in every form (DESIGN.md section 3).
+"""The math of every mixer, in pure JAX, in every form (docs/design.md §3).
 
 Each op takes ``implementation=`` ("auto", "recurrent", "quadratic", "chunked",
 "pallas", and for attention "xla", "cudnn"); every choice gives the same

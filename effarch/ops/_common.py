@@ -1,7 +1,7 @@
 """Shared pieces of every op: input checks, implementation choice, segments.
 
 Ops never import kernels at module level; ``"pallas"`` is resolved here, in one
-place, so layers stay free of grids and BlockSpecs (DESIGN.md section 2).
+place, so layers stay free of grids and BlockSpecs (docs/design.md §2).
 """
 
 from __future__ import annotations

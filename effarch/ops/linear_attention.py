@@ -1,4 +1,4 @@
-"""The one gated linear recurrence, in every form (DESIGN.md section 1).
+"""The one gated linear recurrence, in every form (docs/design.md §1).
 
 Per batch row and head, with state ``S_t`` of shape ``[K, V]`` (float32)::
 

@@ -2,7 +2,7 @@
 
 The float32 "xla" form is the reference; it is itself checked against an
 independent numpy softmax attention, and "chunked" (and bfloat16 runs of both)
-are held to it within the DESIGN.md tolerance on awkward shapes.
+are held to it within the docs/design.md §5 tolerance on awkward shapes.
 """
 
 from __future__ import annotations
