@@ -136,8 +136,8 @@ def mqar(
     ``E ~ Exp(1)``, in increasing order), which has the distribution of numpy's
     sequential ``choice(replace=False, p=p)``.
 
-    Speed: 100,000 examples at ``seq_len=256, num_kv_pairs=16`` take about 1.3 s on one
-    shared CPU core (numpy 2.4).
+    Speed: 100,000 examples at ``seq_len=256, num_kv_pairs=16`` took 1.8 to 4.0 s
+    (numpy 2.4, one thread, on a 2-core machine at load average ~9).
 
     Args:
         seed: seed of ``np.random.default_rng``; the output is a function of all arguments.
@@ -388,10 +388,13 @@ def fuzzy_in_context_recall(
     ``multi_query=True``; MAD varies ``vocab_size`` over 32, 64, 128, ``seq_len`` over
     256 .. 1024 and ``num_examples`` over 6,400 .. 800.
 
-    Deviation: mad-lab draws the probe's offset from ``0 .. seq_len - 2|probe| - 1`` but
+    Deviations: mad-lab draws the probe's offset from ``0 .. seq_len - 2|probe| - 1`` but
     stops adding pairs earlier, so a few percent of its sequences end on a probe whose
-    key never occurred; here the offset is drawn below that stopping point, so the probe
-    pair always occurs. Its noise option (off in MAD) is left out.
+    key never occurred; here the offset is drawn from ``0 .. seq_len - 2 * (k_motif_size
+    + v_motif_size) - 1``, below any stopping point, so the probe pair always occurs. A
+    key keeps the value of its first occurrence everywhere, the probe's included (mad-lab
+    can give a key drawn before the probe's insertion a second value). Its noise option
+    (off in MAD) is left out.
 
     Args:
         seed: seed of ``np.random.default_rng``.
@@ -443,24 +446,28 @@ def fuzzy_in_context_recall(
     k_len, v_len = k_len.reshape(n, slots), v_len.reshape(n, slots)
     k_tok, v_tok = k_tok.reshape(n, slots, k_motif_size), v_tok.reshape(n, slots, v_motif_size)
 
-    # Pairs are added while the sequence is shorter than `stop`; the probe pair goes into
-    # the slot covering a uniform token offset below `stop`, so it is always added.
-    stop = seq_len - pk_len - pv_len - width
-    offset = np.floor(rng.random(n) * stop).astype(np.int64)
-    start = np.cumsum(k_len + v_len, axis=1) - (k_len + v_len)
-    probe_slot = (start <= offset[:, None]).sum(axis=1) - 1
+    # One value per key and sequence: the one drawn where the key first occurs.
+    place = (num_key_tokens + 1) ** np.arange(k_motif_size)
+
+    def first_occurrence():
+        return _first_occurrence(((k_tok + 1) * (np.arange(k_motif_size) < k_len[..., None]) * place).sum(-1))
+
+    # Pairs are added while the sequence is shorter than `stop`, which depends on the final
+    # probe's length; the probe pair goes into the slot covering a uniform token offset below
+    # the least `stop`, so it is always added. Lengths before that slot depend only on the
+    # slots before it, so they stay put when it is filled.
+    offset = rng.integers(0, seq_len - 2 * width, size=n)
+    lengths = k_len + v_len[rows, first_occurrence()]
+    probe_slot = (np.cumsum(lengths, axis=1) - lengths <= offset[:, None]).sum(axis=1) - 1
     r = np.arange(n)
     k_len[r, probe_slot], k_tok[r, probe_slot] = pk_len, pk_tok
     v_len[r, probe_slot], v_tok[r, probe_slot] = pv_len, pv_tok
-    start = np.cumsum(k_len + v_len, axis=1) - (k_len + v_len)
-    added = start < stop[:, None]
-
-    # One value per key and sequence: the one drawn where the key first occurs.
-    place = (num_key_tokens + 1) ** np.arange(k_motif_size)
-    key_ids = ((k_tok + 1) * (np.arange(k_motif_size) < k_len[..., None]) * place).sum(axis=-1)
-    first = _first_occurrence(key_ids)
+    first = first_occurrence()
     v_len, v_tok = v_len[rows, first], v_tok[rows, first]
     repeated = first < np.arange(slots)
+    lengths = k_len + v_len
+    stop = seq_len - lengths[r, probe_slot] - width
+    added = np.cumsum(lengths, axis=1) - lengths < stop[:, None]
 
     k_cols, v_cols = np.arange(k_motif_size), np.arange(v_motif_size)
     tokens = np.concatenate([k_tok, v_tok], axis=-1)
