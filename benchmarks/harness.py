@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,8 +36,20 @@ def environment() -> dict:
         "jaxlib": jaxlib.__version__,
         "flax": flax.__version__,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _commit() -> str | None:
+    """The repository's ``git rev-parse HEAD``, or None outside a git checkout."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        return head or None
+    except Exception:  # no git, not a checkout, timeout ...
+        return None
 
 
 def time_fn(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> dict:
