@@ -8,12 +8,17 @@ optional RMS QK-norm (Dehghani et al., 2023) and a tanh logit softcap
 most recent keys, itself included (Longformer / Mistral style).
 
 The decode cache holds the last ``L`` keys and values, ``L = window`` for local
-attention (memory O(window)) and ``L = max_len`` otherwise, in a rolling
-buffer: a call appends its ``T`` new keys to the ``L`` cached ones, attends
-over those ``L + T`` keys (the newest at the end, so ``ops.attention``'s
-end-aligned causal mask applies unchanged, slots never filled are masked out)
-and keeps the last ``L``. A sequence may not grow past ``max_len`` tokens
-without a window: older keys would silently drop out.
+attention (memory O(window)) and ``L = max_len`` otherwise, in a ring buffer:
+the token at position ``p`` lives in slot ``p % L``. A one-token decode step
+writes its key in place and attends over the filled slots only
+(``ops.decode_attention``), so its cost grows with the tokens seen, not with
+``max_len``. A call with several tokens (a prefill, or speculative
+verification) puts the ring in time order, appends its ``T`` keys, attends
+over those ``L + T`` keys with ``ops.attention`` (newest at the end, so the
+end-aligned causal mask applies; slots never filled are masked out) and
+writes the newest ``L`` back. Either way a query sees at most the ``L`` most
+recent keys, itself included: past ``max_len`` tokens global attention acts as
+a sliding window of ``max_len``; size the cache for the whole sequence.
 """
 
 from __future__ import annotations
@@ -97,10 +102,10 @@ class AttentionConfig(MixerConfig):
 
 
 class KVCache(NamedTuple):
-    """Rolling KV cache; the newest entry is last.
+    """Ring-buffer KV cache: the token at position ``p`` is in slot ``p % L``.
 
     Attributes:
-      k: ``[B,L,Hkv,K]`` rotated keys, ``L = window or max_len``.
+      k: ``[B,L,Hkv,K]`` rotated keys, ``L = min(window, max_len)`` or ``max_len``.
       v: ``[B,L,Hkv,K]`` values.
       position: ``[]`` int32, tokens seen so far.
     """
@@ -141,20 +146,45 @@ class Attention(Mixer):
             q = apply_rotary(q, positions, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
             k = apply_rotary(k, positions, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
 
-        def attend(k, v, ids):
-            return ops.attention(q, k, v, causal=True, window=cfg.window, segment_ids=ids,
+        def attend(k, v, ids, window):
+            return ops.attention(q, k, v, causal=True, window=window, segment_ids=ids,
                                  softcap=cfg.softcap, chunk_size=cfg.chunk_size,
                                  implementation=cfg.implementation)
 
         if cache is None:
-            o = attend(k, v, segment_ids)
+            o = attend(k, v, segment_ids, cfg.window)
+        elif t == 1:
+            o, cache = self.decode_step(q, k, v, cache)
         else:
-            keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)  # [B,L+T,Hkv,K]
-            values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
-            b, length = cache.k.shape[:2]
-            filled = jnp.minimum(cache.position, length)
-            slot_used = jnp.arange(length + t) >= length - filled  # [L+T]: never-filled slots are masked
-            ids = (jnp.ones((b, t), jnp.int32), jnp.broadcast_to(slot_used.astype(jnp.int32), (b, length + t)))
-            o = attend(keys.astype(q.dtype), values.astype(q.dtype), ids)
-            cache = KVCache(k=keys[:, t:], v=values[:, t:], position=cache.position + t)
+            o, cache = self.extend(q, k, v, cache, attend)
         return self.proj(cfg.d_model, "o_proj")(rec.merge_heads(o)), cache
+
+    @nn.nowrap
+    def decode_step(self, q, k, v, cache: KVCache):
+        """One token: write its key and value in place, attend over the filled slots only."""
+        length = cache.k.shape[1]
+        slot = cache.position % length
+        keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
+        filled = jnp.minimum(cache.position + 1, length)
+        o = ops.decode_attention(q, keys, values, filled, softcap=self.config.softcap,
+                                 block_size=self.config.chunk_size)
+        return o, KVCache(k=keys, v=values, position=cache.position + 1)
+
+    @nn.nowrap
+    def extend(self, q, k, v, cache: KVCache, attend):
+        """T > 1 tokens after a cache: the ring in time order, then the new keys, then the newest L kept."""
+        b, length = cache.k.shape[:2]
+        t = q.shape[1]
+        oldest_first = cache.position % length  # the ring's oldest slot once it has wrapped, else the first empty one
+        keys = jnp.concatenate([jnp.roll(cache.k, -oldest_first, axis=1), k.astype(cache.k.dtype)], axis=1)
+        values = jnp.concatenate([jnp.roll(cache.v, -oldest_first, axis=1), v.astype(cache.v.dtype)], axis=1)
+        filled = jnp.minimum(cache.position, length)
+        slot_used = jnp.arange(length + t) >= length - filled  # [L+T]: never-filled slots are masked
+        ids = (jnp.ones((b, t), jnp.int32), jnp.broadcast_to(slot_used.astype(jnp.int32), (b, length + t)))
+        # A window of L: each query sees at most the L most recent keys, as a decode step does.
+        o = attend(keys.astype(q.dtype), values.astype(q.dtype), ids, length)
+        position = cache.position + t
+        # keys[:, t:] holds positions position-L .. position-1 in order; entry j belongs in slot (j + position) % L.
+        ring = (jnp.roll(keys[:, t:], position % length, axis=1), jnp.roll(values[:, t:], position % length, axis=1))
+        return o, KVCache(k=ring[0], v=ring[1], position=position)

@@ -8,5 +8,5 @@ numbers within tolerance.
 from effarch.ops.linear_attention import linear_attention  # noqa: F401
 from effarch.ops.selective_scan import selective_scan  # noqa: F401
 from effarch.ops.linear_scan import linear_scan  # noqa: F401
-from effarch.ops.attention import attention  # noqa: F401
+from effarch.ops.attention import attention, decode_attention  # noqa: F401
 from effarch.ops.delta_rule import delta_rule, generalized_delta_rule  # noqa: F401

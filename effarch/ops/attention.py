@@ -14,6 +14,10 @@ of three forms that give the same numbers within tolerance:
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on an
   NVIDIA GPU, where its options cover the call.
 
+``ops.decode_attention`` is the decoding step: one query per sequence against
+the filled slots of a KV cache, in time proportional to how many are filled
+(a loop over filled key blocks), not to the cache's allocated length.
+
 Grouped-query attention (GQA/MQA) never repeats K/V: queries are viewed as
 ``[B,T,Hkv,G,K]`` with ``G = Hq / Hkv`` query heads per key/value head.
 """
@@ -439,3 +443,87 @@ def _attention_cudnn(q, k, v, *, causal, window, scale):
         local_window_size=None if window is None else (window - 1, 0),
         implementation="cudnn",
     )
+
+
+# --------------------------------------------------------------------------
+# Decoding: one query against the filled part of a KV cache.
+
+DECODE_OP = "ops.decode_attention"
+
+
+def decode_attention(
+    q: Float[Array, "B 1 H K"],
+    k_cache: Float[Array, "B L Hkv K"],
+    v_cache: Float[Array, "B L Hkv V"],
+    length: Int[Array, ""] | int,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    block_size: int = 256,
+) -> Float[Array, "B 1 H V"]:
+    """Softmax attention of one query step over slots ``[0, length)`` of a cache.
+
+    The query sees every slot below ``length`` (the caller has already written
+    its own key there; order within the cache does not matter, so a ring
+    buffer works). The work is a loop over the ``ceil(length / block_size)``
+    filled key blocks with an online softmax in float32, so a step costs time
+    proportional to ``length``, whatever the cache's allocated length ``L``.
+    No gradient: the loop's trip count is dynamic (a ``while`` loop).
+
+    Args:
+      q: ``[B, 1, H, K]`` one query per sequence.
+      k_cache: ``[B, L, Hkv, K]`` cached keys; ``Hkv`` divides ``H`` (GQA/MQA).
+      v_cache: ``[B, L, Hkv, V]`` cached values.
+      length: int32 scalar in ``[1, L]``: the number of filled slots.
+      scale: logit scale (default ``K ** -0.5``).
+      softcap: ``c * tanh(logit / c)`` when given, as in :func:`attention`.
+      block_size: key slots per loop step.
+
+    Returns:
+      ``[B, 1, H, V]`` in q's dtype.
+    """
+    check_rank("q", q, 4, "[B,1,H,K]")
+    check_dims(DECODE_OP, {}, q=(q, "BTHK"), k_cache=(k_cache, "BSGK"), v_cache=(v_cache, "BSG_"))
+    b, t, h, dk = q.shape
+    cache_len, hkv = k_cache.shape[1], k_cache.shape[2]
+    if t != 1:
+        raise ValueError(f"{DECODE_OP}: q {tuple(q.shape)} has T={t}; expected one query step [B,1,H,K] "
+                         "(use ops.attention for several).")
+    if h % hkv:
+        raise ValueError(f"{DECODE_OP}: the {hkv} key/value heads of k_cache {tuple(k_cache.shape)} must "
+                         f"divide the {h} query heads of q {tuple(q.shape)}.")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{DECODE_OP}: block_size={block_size!r}; expected an int >= 1.")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{DECODE_OP}: softcap={softcap!r}; expected None or a float > 0.")
+    scale = dk ** -0.5 if scale is None else float(scale)
+    block = min(block_size, cache_len)
+    length = jnp.clip(jnp.asarray(length, jnp.int32), 1, cache_len)
+    qg = q[:, 0].reshape(b, hkv, h // hkv, dk)  # [B, Hkv, G, K]
+
+    def step(i, carry):
+        m, denom, acc = carry  # [B,Hkv,G], [B,Hkv,G], [B,Hkv,G,V] float32
+        # The last block may overlap the one before it; slots counted there are masked here.
+        start = jnp.minimum(i * block, cache_len - block)
+        kb = lax.dynamic_slice_in_dim(k_cache, start, block, axis=1).astype(q.dtype)  # [B, C, Hkv, K]
+        vb = lax.dynamic_slice_in_dim(v_cache, start, block, axis=1).astype(q.dtype)  # [B, C, Hkv, V]
+        slots = start + jnp.arange(block)
+        valid = (slots >= i * block) & (slots < length)  # [C]
+        z = jnp.einsum("bhgk,bshk->bhgs", qg, kb, preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+            z = softcap * jnp.tanh(z / softcap)
+        z = jnp.where(valid, z, MASKED_LOGIT)  # [B, Hkv, G, C]
+        m_new = jnp.maximum(m, z.max(axis=-1))
+        p = jnp.where(valid, jnp.exp(z - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        denom = denom * correction + p.sum(axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("bhgs,bshv->bhgv", p.astype(vb.dtype), vb,
+                                                       preferred_element_type=jnp.float32)
+        return m_new, denom, acc
+
+    shape = (b, hkv, h // hkv)
+    init = (jnp.full(shape, MASKED_LOGIT, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, v_cache.shape[-1]), jnp.float32))
+    _, denom, acc = lax.fori_loop(0, (length + block - 1) // block, step, init)
+    o = acc / denom[..., None]  # every call sees at least one slot
+    return o.reshape(b, 1, h, v_cache.shape[-1]).astype(q.dtype)

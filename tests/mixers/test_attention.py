@@ -58,3 +58,26 @@ def test_local_attention_cache_is_the_window():
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         mixers.build("attention", d_model=D, **options)
+
+
+@pytest.mark.parametrize("chunks", [(3, 1), (3, 2), (1, 5)], ids=["prompt3-step1", "prompt3-step2", "prompt1-step5"])
+def test_cache_past_max_len_is_a_sliding_window_of_max_len(chunks):
+    """A ring of 8 slots, decoded for 23 tokens in one-token steps or larger calls, wraps around.
+
+    The independent reference is a full-sequence call (no cache) of the same weights with window=8.
+    """
+    prompt, step = chunks
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 23, D))
+    full = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2, chunk_size=4)
+    params = full.init(jax.random.PRNGKey(1), x)
+    reference = _apply(mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2, window=8), params, x)
+    cache = full.init_cache(2, 8)
+    apply = jax.jit(full.apply)
+    outputs, t = [], 0
+    while t < x.shape[1]:
+        n = prompt if t == 0 else step
+        y, cache = apply(params, x[:, t:t + n], cache=cache)
+        outputs.append(y)
+        t += n
+    assert int(cache.position) == 23
+    assert_relative_close(jnp.concatenate(outputs, axis=1)[:, :23], reference, name="ring cache vs window=8")

@@ -271,3 +271,25 @@ def test_cudnn_matches_xla(window):
     o, grads = _output_and_grads(case, "cudnn", q, k, v, cotangent, None)
     assert_relative_close(o, ref_o, jnp.bfloat16, name="cudnn output")
     assert_relative_close(grads, ref_grads, jnp.bfloat16, name="cudnn dq, dk, dv")
+
+
+@pytest.mark.parametrize("length", [1, 5, 16, 17, 77], ids=lambda n: f"filled{n}")
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+def test_decode_attention_matches_numpy_over_the_filled_slots(length, softcap):
+    """Slots past ``length`` hold garbage and must not count; blocks of 16 over a cache of 77."""
+    b, cache_len, h, hkv, d = 2, 77, 6, 2, 12
+    rng = np.random.default_rng(length)
+    q = jnp.asarray(rng.standard_normal((b, 1, h, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, cache_len, hkv, d)) * 3, jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, cache_len, hkv, d)), jnp.float32)
+    step = jax.jit(ops.decode_attention, static_argnames=("softcap", "block_size"))
+    o = step(q, k, v, jnp.int32(length), softcap=softcap, block_size=16)
+    expected = _numpy_attention(q, k[:, :length], v[:, :length], causal=False, softcap=softcap)
+    np.testing.assert_allclose(o, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_refuses_several_queries():
+    q = jnp.zeros((1, 2, 2, 4))
+    kv = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match=r"has T=2; expected one query step"):
+        ops.decode_attention(q, kv, kv, 3)
