@@ -89,7 +89,7 @@ class Preset:
 
 
 PRESETS = {
-    "smoke": Preset(sizes=((16, 1), (24, 1), (32, 1)), budgets=(4e8, 1e9), seq_len=32, batch_size=8,
+    "smoke": Preset(sizes=((16, 1), (24, 1), (32, 1)), budgets=(4e8,), seq_len=32, batch_size=8,
                     min_steps=4, max_steps=40, head_dim=8, d_state=8, chunk_size=16, corpus_bytes=300_000,
                     eval_rows=16, bootstrap=8, families=("transformer",)),
     # Sized for ~30-40 minutes on one CPU thread (compilation is a good part of it).
@@ -429,13 +429,16 @@ def plot_isoflop(by_family: dict[str, list[dict]], fits: dict[str, dict], path: 
         for m in fits[family]["isoflop_minima"]:
             if m["interior"]:
                 ax.plot(m["N_opt"], m["loss"] / LN2, "x", color="k", ms=8)
+        losses = [r["loss"] / LN2 for r in rows]
+        span = max(losses) - min(losses)
+        ax.set_ylim(min(losses) - 0.15 * span - 0.02, max(losses) + 0.15 * span + 0.02)
         ax.set_xscale("log")
         ax.set_xlabel("N (non-embedding parameters)")
-        ax.set_title(f"{family}: isoFLOP curves")
+        ax.set_title(f"{family}: loss vs N at fixed FLOPs", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("held-out loss (bits/byte)")
     axes[0][0].legend(fontsize=8, title="dashed: fit, *: fit min, x: parabola min", title_fontsize=7)
-    fig.suptitle("Loss vs model size at fixed training FLOPs (byte-level LM)")
+    fig.suptitle("isoFLOP curves, byte-level LM (dashed: fitted law)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

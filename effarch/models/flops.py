@@ -30,7 +30,7 @@ FLOPs" convention of scaling-law work (Kaplan et al. 2020; Hoffmann et al.
     (``2CV``) and three ``K x V`` state products (``6KV``):
     ``2C(3K + 2V) + 6KV``; plus three short convolutions.
   - any other mixer: its projections only (``2 x`` the entries of its weights
-    of rank >= 2, read from its initialised parameters); its core is *not*
+    of rank >= 2 other than norm scales, read from its initialised parameters); its core is *not*
     counted, and :func:`flops_breakdown` says so with ``"core_counted": False``.
 
   Chunked forms count the padded length ``ceil(T / C) C`` and ``C = min(C, T)``.
@@ -97,10 +97,13 @@ def _deltanet(cfg: DeltaNetConfig, t: int) -> dict[str, float]:
 
 
 def _generic(cfg, t: int) -> dict[str, float]:
-    """Any other mixer: 2 x the entries of its weight matrices (rank >= 2), core not counted."""
+    """Any other mixer: 2 x the entries of its weight matrices (rank >= 2, norm scales aside), core not counted."""
     module = mixers.from_config(cfg)
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, min(t, 8), cfg.d_model))))
-    weights = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes) if len(x.shape) >= 2)
+    leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    # Norm scales may be [H, K] (per-head norms): not weights of a product.
+    weights = sum(math.prod(x.shape) for path, x in leaves
+                  if len(x.shape) >= 2 and "scale" not in jax.tree_util.keystr(path))
     return {"projections": 2.0 * weights, "core": 0.0, "conv": 0.0, "core_counted": False}
 
 
