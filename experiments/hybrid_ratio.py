@@ -115,10 +115,10 @@ PRESETS = {
         n_layers=16, d_model=32, d_ff=64, num_heads=2,
         recurrent_options={"d_state": 16, "head_dim": 16, "chunk_size": 64},
         lrs=(3e-3, 1e-2), weight_decay=0.0,
-        lm_seq_len=128, lm_batch_size=8, lm_steps=150, lm_train_rows=1200, lm_test_rows=64,
+        lm_seq_len=128, lm_batch_size=8, lm_steps=120, lm_train_rows=960, lm_test_rows=64,
         corpus_bytes=3_000_000,
-        mqar_seq_len=64, mqar_kv_pairs=8, mqar_vocab=256, mqar_batch_size=16, mqar_steps=240,
-        mqar_train_rows=3840, mqar_test_rows=256, eval_every=60,
+        mqar_seq_len=64, mqar_kv_pairs=8, mqar_vocab=64, mqar_batch_size=16, mqar_steps=300,
+        mqar_train_rows=4800, mqar_test_rows=256, eval_every=60,
     ),
     # One GPU: 32 layers (1/16 = 2 layers), width 512, ~100M tokens of text.
     "gpu": Preset(
