@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import sys
 import time
@@ -55,6 +54,8 @@ flags.DEFINE_list("d_models", None, "Widths, comma separated (default: the prese
 flags.DEFINE_list("tasks", None, "seq_len:kv_pairs pairs, comma separated, e.g. 64:4,128:16 (default: the preset's).")
 flags.DEFINE_list("lrs", None, "Learning rates, comma separated (default: the preset's).")
 flags.DEFINE_integer("steps", None, "Optimiser updates per cell (default: the preset's).")
+flags.DEFINE_integer("vocab_size", None, "Token ids (default: the preset's).")
+flags.DEFINE_integer("batch_size", None, "Rows per step (default: the preset's).")
 flags.DEFINE_integer("seed", 0, "Seed of the data, the initial parameters and the data order.")
 flags.DEFINE_bool("plot_only", False, "Only remake the plots and table from results.jsonl.")
 flags.DEFINE_bool("retry_errors", False, "Rerun the cells recorded with status 'error'.")
@@ -78,6 +79,8 @@ class Preset:
       eval_every: held-out accuracy every this many steps (and at the end).
       weight_decay: AdamW weight decay.
       warmup_steps: linear warmup before the cosine decay.
+      random_non_queries: fill the query region's other positions with random
+        tokens (``synthetic.mqar``'s default) instead of 0 (Zoology's figure 2).
     """
 
     mixers: tuple[str, ...]
@@ -93,6 +96,7 @@ class Preset:
     eval_every: int = 100
     weight_decay: float = 0.1
     warmup_steps: int = 0
+    random_non_queries: bool = False
 
     def batch(self, seq_len: int) -> int:
         return self.batch_size[seq_len] if isinstance(self.batch_size, Mapping) else self.batch_size
@@ -112,16 +116,66 @@ PRESETS = {
     "smoke": Preset(mixers=("attention", "based"), d_models=(16,), tasks=((16, 2),), lrs=(3e-3, 1e-2),
                     vocab_size=64, num_train=256, num_test=64, batch_size=32, steps=20, eval_every=10),
     # A 2-core CPU in about half an hour (sized single-threaded, docs/results/mqar.md).
-    "cpu": Preset(mixers=("attention", "based", "mamba", "mamba2", "hyena", "gated_deltanet", "gla"),
-                  d_models=(32, 64, 128), tasks=((64, 4), (128, 16)), lrs=_logspace(-3.0, -2.0, 3),
-                  vocab_size=1024, num_train=20_000, num_test=1_000, batch_size=64, steps=1500, eval_every=100,
-                  warmup_steps=50),
+    "cpu": Preset(mixers=("conv_attention", "based", "hyena", "gated_deltanet", "mamba2"),
+                  d_models=(16, 32, 64), tasks=((64, 4), (64, 16)), lrs=_logspace(-2.5, -1.5, 3),
+                  vocab_size=256, num_train=20_000, num_test=1_000, batch_size=64, steps=300, eval_every=50,
+                  warmup_steps=20),
     # Zoology's figure 2 (iclr24_zoology_figure2/configs.py) on our mixers: a GPU.
     "paper": Preset(mixers=("attention", "hyena", "rwkv6", "s4d", "based", "mamba", "mamba2"),
                     d_models=(64, 128, 256, 512), tasks=((64, 4), (128, 8), (256, 16), (512, 64)),
                     lrs=_logspace(-4.0, -2.0, 4), vocab_size=8192, num_train=100_000, num_test=3_000,
                     batch_size={64: 512, 128: 512, 256: 256, 512: 128}, steps=None, epochs=64, eval_every=200),
 }
+
+
+def _register_conv_attention():
+    """Registers ``zoology_attention``: Zoology's Hybrid [BaseConv(kernel 3), MHA] as one mixer.
+
+    ``y = attention(in_proj(x) * short_conv(x))``: the gated short convolution
+    (Zoology's ``BaseConv``) that Zoology's later MQAR configs put in front of
+    attention (``arxiv24_based_figure2``), as the recurrent mixers here have one
+    in front of their recurrence. Full sequences only (no decoding); its
+    ``init_cache`` (the conv window and the KV cache) is what state bytes count.
+    """
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    from effarch import mixers as mixers_lib  # pylint: disable=import-outside-toplevel
+    from effarch.layers.conv import ShortConv, init_conv_state  # pylint: disable=import-outside-toplevel
+    from effarch.mixers.attention import Attention, AttentionConfig  # pylint: disable=import-outside-toplevel
+
+    if "zoology_attention" in mixers_lib.names():
+        return
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ConvAttentionConfig(AttentionConfig):
+        """Attention options plus ``conv_size``, the taps of the BaseConv in front."""
+
+        conv_size: int = 3
+
+    @mixers_lib.register("zoology_attention", ConvAttentionConfig)
+    class ConvAttention(mixers_lib.Mixer):  # pylint: disable=unused-variable
+        config: ConvAttentionConfig
+
+        def _attention_config(self):
+            fields = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(AttentionConfig)}
+            return AttentionConfig(**fields)
+
+        def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32):
+            cfg = self.config
+            attention = Attention(config=self._attention_config(), parent=None)
+            return (init_conv_state(batch_size, cfg.conv_size, cfg.d_model, dtype),
+                    attention.init_cache(batch_size, max_len, dtype))
+
+        @nn.compact
+        def __call__(self, x, cache=None, *, segment_ids=None):
+            cfg = self.config
+            if cache is not None:
+                raise ValueError("zoology_attention: full sequences only (no cache) in this experiment.")
+            conv, _ = ShortConv(kernel_size=cfg.conv_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                name="base_conv")(x, segment_ids=segment_ids)
+            h = self.proj(cfg.d_model, "base_conv_proj", use_bias=True)(x) * conv
+            return Attention(config=self._attention_config(), name="attention")(h, segment_ids=segment_ids)
 
 
 # Mixer label -> (registered mixer, options at (d_model, seq_len)). Paper settings,
@@ -131,11 +185,18 @@ def _attention(d, t):
     return "attention", {"num_heads": 1, "chunk_size": min(256, t)}
 
 
+def _conv_attention(d, t):
+    # Zoology's later MQAR configs: Hybrid [BaseConv(kernel 3), MHA(1 head)].
+    return "zoology_attention", {"num_heads": 1, "conv_size": 3, "chunk_size": min(256, t)}
+
+
 def _based(d, t):
     # Zoology figure 2: one head, Taylor feature map on feature_dim 8, a short
     # convolution in front (our conv is on q, k, v; Zoology's is a BaseConv layer).
+    # Trained in the quadratic view (Zoology's train_view="quadratic"); same numbers as chunked.
     return "linear_attention", {"num_heads": 1, "feature_map": "taylor", "feature_dim": 8,
-                                "use_short_conv": True, "chunk_size": min(64, t)}
+                                "use_short_conv": True, "chunk_size": min(64, t),
+                                "implementation": "quadratic" if t <= 128 else "auto"}
 
 
 def _mamba(d, t):
@@ -144,8 +205,9 @@ def _mamba(d, t):
 
 def _mamba2(d, t):
     # The Mamba-2 paper's d_state 128, head_dim 64 (fewer heads at small widths).
+    # The quadratic (attention-like) form of SSD is the fastest on a CPU at short lengths.
     return "mamba2", {"d_state": 128, "d_conv": 4, "expand": 2, "head_dim": min(64, 2 * d),
-                      "chunk_size": min(64, t)}
+                      "chunk_size": min(64, t), "implementation": "quadratic" if t <= 128 else "auto"}
 
 
 def _hyena(d, t):
@@ -195,7 +257,7 @@ def _rglru(d, t):
 
 
 MIXERS: dict[str, Callable[[int, int], tuple[str, dict[str, Any]]]] = {
-    "attention": _attention, "based": _based, "mamba": _mamba, "mamba2": _mamba2, "hyena": _hyena,
+    "attention": _attention, "conv_attention": _conv_attention, "based": _based, "mamba": _mamba, "mamba2": _mamba2, "hyena": _hyena,
     "gated_deltanet": _gated_deltanet, "deltanet": _deltanet, "gla": _gla, "rwkv6": _rwkv6, "rwkv7": _rwkv7,
     "retnet": _retnet, "s4d": _s4d, "hgrn2": _hgrn2, "mlstm": _mlstm, "rglru": _rglru,
 }
@@ -203,7 +265,8 @@ MIXERS: dict[str, Callable[[int, int], tuple[str, dict[str, Any]]]] = {
 KEY_FIELDS = ("mixer", "mixer_options", "d_model", "seq_len", "num_kv_pairs", "vocab_size", "num_train", "seed")
 
 
-def resolve(preset: str, *, mixers=None, d_models=None, tasks=None, lrs=None, steps=None) -> Preset:
+def resolve(preset: str, *, mixers=None, d_models=None, tasks=None, lrs=None, steps=None, vocab_size=None,
+            batch_size=None) -> Preset:
     """The named preset with the given overrides (None: keep the preset's)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}.")
@@ -225,10 +288,15 @@ def resolve(preset: str, *, mixers=None, d_models=None, tasks=None, lrs=None, st
         changes["lrs"] = tuple(float(v) for v in lrs)
     if steps:
         changes["steps"] = int(steps)
+    if vocab_size:
+        changes["vocab_size"] = int(vocab_size)
+    if batch_size:
+        changes["batch_size"] = int(batch_size)
     return dataclasses.replace(p, **changes)
 
 
 def cell_key(mixer: str, d_model: int, seq_len: int, kv: int, p: Preset, seed: int) -> dict[str, Any]:
+    _register_conv_attention()
     name, options = MIXERS[mixer](d_model, seq_len)
     return {"mixer": mixer, "mixer_name": name, "mixer_options": options, "d_model": d_model, "seq_len": seq_len,
             "num_kv_pairs": kv, "vocab_size": p.vocab_size, "num_train": p.num_train, "seed": seed}
@@ -280,9 +348,9 @@ def run_cell(key: Mapping[str, Any], p: Preset, data, log: Callable[[str], None]
 def _task_data(p: Preset, seq_len: int, kv: int, seed: int) -> dict[str, Any]:
     from effarch.data import synthetic  # pylint: disable=import-outside-toplevel
 
-    return {"train": synthetic.mqar(seed, p.num_train, seq_len, kv, vocab_size=p.vocab_size, power_a=0.01),
-            "test": synthetic.mqar(seed + 1_000_003, p.num_test, seq_len, kv, vocab_size=p.vocab_size,
-                                   power_a=0.01)}
+    options = dict(vocab_size=p.vocab_size, power_a=0.01, random_non_queries=p.random_non_queries)
+    return {"train": synthetic.mqar(seed, p.num_train, seq_len, kv, **options),
+            "test": synthetic.mqar(seed + 1_000_003, p.num_test, seq_len, kv, **options)}
 
 
 def latest_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -294,12 +362,13 @@ def latest_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_sweep(preset: str = "cpu", workdir: str | pathlib.Path | None = None, *, mixers=None, d_models=None,
-              tasks=None, lrs=None, steps=None, seed: int = 0, plot_only: bool = False, retry_errors: bool = False,
+              tasks=None, lrs=None, steps=None, vocab_size=None, batch_size=None, seed: int = 0, plot_only: bool = False, retry_errors: bool = False,
               verbose: bool = False, stream: TextIO = sys.stdout) -> list[dict[str, Any]]:
     """Runs (or resumes) the sweep into ``workdir``; returns every row of results.jsonl."""
     from effarch.train import sweep  # pylint: disable=import-outside-toplevel
 
-    p = resolve(preset, mixers=mixers, d_models=d_models, tasks=tasks, lrs=lrs, steps=steps)
+    p = resolve(preset, mixers=mixers, d_models=d_models, tasks=tasks, lrs=lrs, steps=steps, vocab_size=vocab_size,
+                batch_size=batch_size)
     workdir = pathlib.Path(workdir or f"runs/mqar-{preset}")
     workdir.mkdir(parents=True, exist_ok=True)
     results = sweep.ResultsLog(workdir / "results.jsonl", KEY_FIELDS)
@@ -458,7 +527,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     run_sweep(FLAGS.preset, FLAGS.workdir, mixers=FLAGS.mixers, d_models=FLAGS.d_models, tasks=FLAGS.tasks,
-              lrs=FLAGS.lrs, steps=FLAGS.steps, seed=FLAGS.seed, plot_only=FLAGS.plot_only,
+              lrs=FLAGS.lrs, steps=FLAGS.steps, vocab_size=FLAGS.vocab_size, batch_size=FLAGS.batch_size,
+              seed=FLAGS.seed, plot_only=FLAGS.plot_only,
               retry_errors=FLAGS.retry_errors, verbose=FLAGS.verbose)
 
 
