@@ -486,6 +486,29 @@ def plot(rows: list[dict[str, Any]], workdir: pathlib.Path, *, placement_fractio
     return written
 
 
+def table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the latest ok rows: one line per architecture, both tasks side by side."""
+    ok = [r for r in _latest(rows).values() if r.get("status") == "ok"]
+    cells = {}
+    for r in ok:
+        cells.setdefault((r["preset"], r["recurrent"], r["attention_fraction"], r["placement"]), {})[r["task"]] = r
+    lines = ["| fraction | placement | pattern | LM bits/byte | MQAR accuracy | params (LM) | d_ff | LM lr / MQAR lr "
+             "| wall s (LM + MQAR) |", "|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(cells, key=lambda k: (k[0], k[1], k[3] != "even", k[2],
+                                         PLACEMENTS.index(k[3]) if k[3] in PLACEMENTS else 99))
+    for key in order:
+        lm, mq = cells[key].get("lm"), cells[key].get("mqar")
+        any_row = lm or mq
+        lines.append(
+            f"| {any_row['fraction']} | {key[3]} | `{any_row['pattern']}` "
+            f"| {lm['bits_per_byte']:.3f} |" if lm else f"| {any_row['fraction']} | {key[3]} | `{any_row['pattern']}` | - |")
+        lines[-1] += (f" {mq['accuracy']:.3f} (best {mq['best_accuracy']:.3f}) |" if mq else " - |")
+        lines[-1] += (f" {lm['params']:,} | {lm['d_ff']} |" if lm else f" {mq['params']:,} | {mq['d_ff']} |")
+        lines[-1] += f" {lm['lr'] if lm else '-'} / {mq['lr'] if mq else '-'} |"
+        lines[-1] += f" {(lm or {}).get('wall_s', 0):.0f} + {(mq or {}).get('wall_s', 0):.0f} |"
+    return "\n".join(lines)
+
+
 def _position(fraction: float) -> float:
     """x position of a fraction: log-spaced, with 0 one step left of 1/32."""
     return math.log2(fraction) if fraction > 0 else -6.0
@@ -500,6 +523,11 @@ def main(argv):
     from absl import flags  # pylint: disable=import-outside-toplevel
 
     f = flags.FLAGS
+    if f.table:
+        from effarch.train.sweep import ResultsLog  # pylint: disable=import-outside-toplevel
+
+        print(table(ResultsLog(pathlib.Path(f.workdir) / "results.jsonl", KEY_FIELDS).rows()))
+        return
     run(f.preset, f.workdir or f"runs/hybrid_ratio-{f.preset}", f.recurrent, f.fractions, f.placement_fraction,
         f.placements, f.tasks)
 
@@ -514,4 +542,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("placement_fraction", None, "The fraction whose placements are compared (default 1/8).")
     flags.DEFINE_list("placements", None, f"Placements at that fraction, of {','.join(PLACEMENTS)}.")
     flags.DEFINE_list("tasks", list(TASKS), "Which of lm, mqar to run.")
+    flags.DEFINE_bool("table", False, "Print the markdown table of --workdir's results and exit.")
     app.run(main)
