@@ -94,7 +94,7 @@ PRESETS = {
                     eval_rows=16, bootstrap=8, families=("transformer",)),
     # Sized for ~30-40 minutes on one CPU thread (compilation is a good part of it).
     "cpu": Preset(sizes=((16, 2), (24, 2), (32, 2), (48, 2), (64, 2)), budgets=(3e10, 1e11, 3e11),
-                  seq_len=128, batch_size=8, min_steps=40, max_steps=1200),
+                  seq_len=128, batch_size=8, min_steps=40, max_steps=1200, bootstrap=100),
     "gpu": Preset(sizes=((256, 4), (384, 6), (512, 8), (640, 10), (768, 12), (1024, 16)),
                   budgets=(1e16, 3e16, 1e17, 3e17), seq_len=512, batch_size=64, min_steps=300,
                   max_steps=30_000, lr_base=1e-3, lr_width=256, head_dim=64, d_state=64, chunk_size=128,
@@ -159,7 +159,38 @@ def plan(preset: Preset, families: Sequence[str]) -> list[dict[str, Any]]:
     return runs
 
 
-KEY_FIELDS = ("family", "d_model", "n_layers", "budget", "seq_len", "batch_size", "steps")
+KEY_FIELDS = ("family", "d_model", "n_layers", "budget", "seq_len", "batch_size", "steps", "lrs")
+# A cell of the grid; rows of one cell with different learning-rate sets (e.g. a second pass
+# with higher rates, --lr_factors) are merged, the lowest loss kept.
+CELL_FIELDS = KEY_FIELDS[:-1]
+
+
+def best_per_cell(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each planned cell, its recorded row of lowest finite loss over every lr set tried.
+
+    The row returned gains ``lrs_tried`` (every learning rate of the cell's rows, sorted) and
+    ``best_lr_at_edge`` (the winner is the lowest or highest of them).
+    """
+    def cell(r):
+        return tuple(json.dumps(r[f], sort_keys=True) for f in CELL_FIELDS)
+
+    wanted = {cell(r) for r in runs}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if cell(r) in wanted:
+            groups.setdefault(cell(r), []).append(r)
+    out = []
+    for group in groups.values():
+        finite = [r for r in group if math.isfinite(r["loss"])]
+        if not finite:
+            continue
+        best = dict(min(finite, key=lambda r: r["loss"]))
+        tried = sorted({s["lr"] for r in group for s in r["settings"]})
+        best["lrs_tried"] = tried
+        best["best_lr_at_edge"] = best["best_lr"] in (tried[0], tried[-1])
+        out.append(best)
+    return out
+
 
 # --------------------------------------------------------------------------
 # The fit: L(N, D) = E + A / N^alpha + B / D^beta (approach 3)
@@ -304,7 +335,7 @@ def bootstrap(n, d, loss, fit: dict[str, float], *, resamples: int, seed: int = 
         idx = rng.integers(0, len(n), len(n))
         if len(np.unique(idx)) < 3:
             continue
-        f = fit_law(n[idx], d[idx], loss[idx], starts=4, extra_inits=start)
+        f = fit_law(n[idx], d[idx], loss[idx], starts=2, extra_inits=start)
         for k in samples:
             samples[k].append(f[k])
     tail = 100 * (1 - level) / 2
@@ -500,7 +531,8 @@ def plot_nopt(by_family: dict[str, list[dict]], fits: dict[str, dict], path: pat
 
 def run_study(preset_name: str, workdir: str | pathlib.Path, *, families: Sequence[str] | None = None,
               data: Sequence[str] = ("stdlib",), corpus_bytes: int | None = -1, seed: int = 0,
-              budgets: Sequence[float] | None = None, dry_run: bool = False,
+              budgets: Sequence[float] | None = None, lr_factors: Sequence[float] | None = None,
+              sizes: Sequence[tuple[int, int]] | None = None, dry_run: bool = False,
               stream=sys.stdout) -> dict[str, Any]:
     """Runs (or resumes) the study into ``workdir``, fits each family and plots.
 
@@ -514,6 +546,10 @@ def run_study(preset_name: str, workdir: str | pathlib.Path, *, families: Sequen
     preset = PRESETS[preset_name]
     if budgets:
         preset = dataclasses.replace(preset, budgets=tuple(float(b) for b in budgets))
+    if lr_factors:
+        preset = dataclasses.replace(preset, lr_factors=tuple(float(f) for f in lr_factors))
+    if sizes:
+        preset = dataclasses.replace(preset, sizes=tuple((int(d), int(n)) for d, n in sizes))
     families = tuple(families or preset.families)
     workdir = pathlib.Path(workdir)
     runs = plan(preset, families)
@@ -566,8 +602,7 @@ def run_study(preset_name: str, workdir: str | pathlib.Path, *, families: Sequen
             log.append(row)
             progress.finish(name, f"{best['loss'] / LN2:.3f} bits/byte at lr {best['lr']:g}")
 
-    keys = {log.key(r) for r in runs}
-    rows = [r for r in log.rows() if log.key(r) in keys and math.isfinite(r["loss"])]
+    rows = best_per_cell(log.rows(), runs)
     by_family = {f: [r for r in rows if r["family"] == f] for f in families}
     by_family = {f: v for f, v in by_family.items() if v}
     fits = {}
@@ -601,6 +636,8 @@ def main(argv):
     run_study(flags_.preset, flags_.workdir or f"runs/scaling-{flags_.preset}", families=families or None,
               data=flags_.data, corpus_bytes=-1 if flags_.max_corpus_bytes is None else (flags_.max_corpus_bytes or None),
               seed=flags_.seed, budgets=[float(b) for b in flags_.budgets] if flags_.budgets else None,
+              lr_factors=[float(f) for f in flags_.lr_factors] if flags_.lr_factors else None,
+              sizes=[tuple(s.split("x")) for s in flags_.sizes] if flags_.sizes else None,
               dry_run=flags_.dry_run)
 
 
@@ -615,6 +652,8 @@ if __name__ == "__main__":
     flags.DEFINE_list("data", ["stdlib"], "'stdlib' (Python's own sources) or files/folders.")
     flags.DEFINE_integer("max_corpus_bytes", None, "Corpus bytes read (default: the preset's; 0 = all).")
     flags.DEFINE_list("budgets", None, "Override the FLOP budgets, e.g. 1e11,3e11.")
+    flags.DEFINE_list("lr_factors", None, "Override the learning-rate factors (x lr_base sqrt(lr_width / d_model)).")
+    flags.DEFINE_list("sizes", None, "Override the sizes as d_modelxn_layers, e.g. 16x2,32x2.")
     flags.DEFINE_integer("seed", 0, "Seed of data, initialisation and bootstrap.")
     flags.DEFINE_bool("dry_run", False, "Print the grid and exit.")
     app.run(main)
