@@ -290,7 +290,8 @@ def fit_law(n, d, loss, *, starts: int = 16, extra_inits: np.ndarray | None = No
     best points (and from ``extra_inits``); the lowest objective wins.
 
     Returns:
-      ``{"E", "A", "B", "alpha", "beta", "a", "objective"}``; ``a = beta / (alpha + beta)``.
+      ``{"E", "A", "B", "alpha", "beta", "a", "objective", "theta"}``; ``a = beta / (alpha + beta)``;
+      ``theta`` = ``(log A, log B, log E, alpha, beta)``.
     """
     log_n, log_d, log_l = (np.log(np.asarray(v, float)) for v in (n, d, loss))
     values, _ = _objective(INIT_GRID, log_n, log_d, log_l)
@@ -309,7 +310,7 @@ def fit_law(n, d, loss, *, starts: int = 16, extra_inits: np.ndarray | None = No
             best_theta, best_f = theta, f
     a, b, e, alpha, beta = best_theta
     out = {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": float(alpha),
-           "beta": float(beta), "objective": best_f}
+           "beta": float(beta), "objective": best_f, "theta": [float(x) for x in best_theta]}
     out["a"] = compute_optimal_exponent(out["alpha"], out["beta"])
     return out
 
@@ -329,13 +330,13 @@ def bootstrap(n, d, loss, fit: dict[str, float], *, resamples: int, seed: int = 
     """Percentile bootstrap intervals (resampling runs) of alpha, beta, a, E, A, B."""
     rng = np.random.default_rng(seed)
     n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
-    start = np.array([math.log(fit["A"]), math.log(fit["B"]), math.log(fit["E"]), fit["alpha"], fit["beta"]])
+    start = np.array(fit["theta"])  # (log A, log B, log E, alpha, beta); E may underflow to 0
     samples = {k: [] for k in ("alpha", "beta", "a", "E", "A", "B")}
     for _ in range(resamples):
         idx = rng.integers(0, len(n), len(n))
         if len(np.unique(idx)) < 3:
             continue
-        f = fit_law(n[idx], d[idx], loss[idx], starts=2, extra_inits=start)
+        f = fit_law(n[idx], d[idx], loss[idx], starts=1, extra_inits=start)
         for k in samples:
             samples[k].append(f[k])
     tail = 100 * (1 - level) / 2
