@@ -461,17 +461,19 @@ def plot_isoflop(by_family: dict[str, list[dict]], fits: dict[str, dict], path: 
         for m in fits[family]["isoflop_minima"]:
             if m["interior"]:
                 ax.plot(m["N_opt"], m["loss"] / LN2, "x", color="k", ms=8)
-        losses = [r["loss"] / LN2 for r in rows]
+        losses = [r["loss"] / LN2 for family_rows in by_family.values() for r in family_rows]
         span = max(losses) - min(losses)
-        ax.set_ylim(min(losses) - 0.15 * span - 0.02, max(losses) + 0.15 * span + 0.02)
+        ax.set_ylim(min(losses) - 0.1 * span - 0.02, max(losses) + 0.1 * span + 0.02)
         ax.set_xscale("log")
         ax.set_xlabel("N (non-embedding parameters)")
         ax.set_title(f"{family}: loss vs N at fixed FLOPs", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("held-out loss (bits/byte)")
-    axes[0][0].legend(fontsize=8, title="dashed: fit, *: fit min, x: parabola min", title_fontsize=7)
-    fig.suptitle("isoFLOP curves, byte-level LM (dashed: fitted law)", fontsize=11)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(budgets), fontsize=8)
+    fig.suptitle("isoFLOP curves, byte-level LM (dashed: fitted law; *: its minimum; x: parabola minimum)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -489,6 +491,7 @@ def plot_frontier(by_family: dict[str, list[dict]], fits: dict[str, dict], path:
         losses, _ = frontier(fits[family]["fit"], FlopsOfN(rows), compute, (min(n_all) / 3, max(n_all) * 3))
         ax.plot(compute, losses / LN2, "-", color=colour, label=f"{family} (fitted frontier)")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("training FLOPs C (analytic, effarch.models.flops)")
     ax.set_ylabel("held-out loss (bits/byte)")
     ax.set_title("Loss vs compute per family: runs and fitted frontier")
@@ -515,6 +518,7 @@ def plot_nopt(by_family: dict[str, list[dict]], fits: dict[str, dict], path: pat
             ax.plot([m["budget"] for m in minima], [m["N_opt"] for m in minima], "o", color=colour)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("training FLOPs C")
     ax.set_ylabel("compute-optimal N")
     ax.set_title("Compute-optimal model size (line: fit; dots: isoFLOP minima)")
