@@ -326,7 +326,9 @@ def train_settings(
     count = len(settings)
 
     key = jax.random.key(seed)
-    params = nn.unbox(model.init(key, jnp.asarray(train_x[:1]), logit_positions=jnp.asarray(train_pos[:1]))["params"])
+    # Jitted: op-by-op initialisation of a small model costs as much as compiling its training step.
+    init = jax.jit(lambda key, tokens, positions: model.init(key, tokens, logit_positions=positions)["params"])
+    params = nn.unbox(init(key, jnp.asarray(train_x[:1]), jnp.asarray(train_pos[:1])))
     num_params = int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))
     params = jax.tree.map(lambda p: jnp.broadcast_to(p, (count, *p.shape)), params)
     optimizer = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=0.0, b1=b1, b2=b2,
