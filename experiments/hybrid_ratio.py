@@ -101,13 +101,13 @@ class Preset:
 PRESETS = {
     # Seconds: the test's check that every part runs, rows and plots appear.
     "smoke": Preset(
-        n_layers=2, d_model=16, d_ff=32, num_heads=2,
+        n_layers=1, d_model=16, d_ff=32, num_heads=2,
         recurrent_options={"d_state": 8, "head_dim": 8, "chunk_size": 16, "implementation": "quadratic"},
         lrs=(3e-3, 1e-2), weight_decay=0.0,
         lm_seq_len=32, lm_batch_size=4, lm_steps=2, lm_train_rows=16, lm_test_rows=4, corpus_bytes=200_000,
         mqar_seq_len=32, mqar_kv_pairs=4, mqar_vocab=256, mqar_batch_size=4, mqar_steps=2,
         mqar_train_rows=16, mqar_test_rows=4, eval_every=2, scan_layers=False,
-        placement_fraction="1/2", fractions=("0", "1/2"), placements=("even",),
+        placement_fraction="1", fractions=("0", "1"), placements=("even",),
     ),
     # A 2-core machine, one single-threaded slot: 16 narrow layers so that
     # 1/16 is one whole layer. Sized by measurement (docs/results/hybrid_ratio.md).
