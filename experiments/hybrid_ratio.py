@@ -460,14 +460,18 @@ def plot(rows: list[dict[str, Any]], workdir: pathlib.Path, *, placement_fractio
         sel = [r for r in ok if r["task"] == task and r["fraction"] == placement_fraction]
         sel.sort(key=lambda r: (r["preset"], r["recurrent"], PLACEMENTS.index(r["placement"])
                                 if r["placement"] in PLACEMENTS else 99))
-        names = [f"{r['placement']}\n{r['pattern']}" if len(r["pattern"]) <= 16 else r["placement"] for r in sel]
+        names = [f"{r['placement']}\nA at " + ",".join(str(i + 1) for i, c in enumerate(r["pattern"]) if c == "A")
+                 if r["n_attention"] <= 4 else r["placement"] for r in sel]
         bars = ax.bar(range(len(sel)), [r[field] for r in sel], color=[f"C{i}" for i in range(len(sel))],
                       label=[r["placement"] for r in sel])
         for bar, r in zip(bars, sel):
             ax.annotate(f"{r[field]:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(sel)), names, fontsize=6 if sel and len(sel[0]["pattern"]) > 8 else 8)
-        ax.set_xlabel("placement of the attention layers")
+        ax.set_xticks(range(len(sel)), names, fontsize=8)
+        if not sel:
+            ax.text(0.5, 0.5, f"no {task} runs at fraction {placement_fraction}", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_xlabel("placement of the attention layers (layers numbered 1 = first)")
         ax.set_ylabel(label)
         if task == "lm" and sel:
             values = [r[field] for r in sel]
@@ -505,7 +509,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines[-1] += (f" {mq['accuracy']:.3f} (best {mq['best_accuracy']:.3f}) |" if mq else " - |")
         lines[-1] += (f" {lm['params']:,} | {lm['d_ff']} |" if lm else f" {mq['params']:,} | {mq['d_ff']} |")
         lines[-1] += f" {lm['lr'] if lm else '-'} / {mq['lr'] if mq else '-'} |"
-        lines[-1] += f" {(lm or {}).get('wall_s', 0):.0f} + {(mq or {}).get('wall_s', 0):.0f} |"
+        lines[-1] += " " + " + ".join(f"{r['wall_s']:.0f}" if r else "-" for r in (lm, mq)) + " |"
     return "\n".join(lines)
 
 
