@@ -1,6 +1,6 @@
 r"""Multi-query associative recall (MQAR, Zoology: Arora et al., 2023): accuracy vs width and state.
 
-    python experiments/mqar.py                              # --preset cpu: about half an hour on a CPU
+    python experiments/mqar.py                              # --preset cpu: 73 min on a loaded 2-core CPU
     python experiments/mqar.py --preset paper --workdir runs/mqar-paper   # Zoology's figure 2, a GPU
     python experiments/mqar.py --preset smoke --workdir /tmp/mqar-smoke  # seconds
     python experiments/mqar.py --mixers attention,based --d_models 64,128
@@ -115,7 +115,7 @@ PRESETS = {
     # Tests: two mixers, one tiny cell, a few seconds.
     "smoke": Preset(mixers=("attention", "based"), d_models=(16,), tasks=((16, 2),), lrs=(3e-3, 1e-2),
                     vocab_size=64, num_train=256, num_test=64, batch_size=32, steps=20, eval_every=10),
-    # A 2-core CPU in about half an hour (sized single-threaded, docs/results/mqar.md).
+    # A 2-core CPU: 73 min single-threaded on the loaded test machine (docs/results/mqar.md).
     "cpu": Preset(mixers=("conv_attention", "based", "hyena", "gated_deltanet", "mamba2"),
                   d_models=(16, 32, 64), tasks=((64, 4), (64, 16)), lrs=_logspace(-2.5, -1.5, 3),
                   vocab_size=256, num_train=20_000, num_test=1_000, batch_size=64, steps=300, eval_every=50,
