@@ -102,11 +102,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Protocol: smoke (seconds), cpu (~40 min), paper (MAD's).")
-flags.DEFINE_string("workdir", None, "Folder of every output (default runs/mad-<preset>); rerun to resume.")
-flags.DEFINE_list("mixers", None, "Mixers (registered names, or a+b striped hybrids); default: the preset's.")
-flags.DEFINE_list("tasks", None, f"Tasks among {', '.join(TASKS)}; default: the preset's.")
-flags.DEFINE_integer("seed", 0, "Seed of the data and the initial parameters.")
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a script, so importing this module beside
+    another experiment script defines no clashing flags)."""
+    flags.DEFINE_enum("preset", "cpu", sorted(PRESETS), "Protocol: smoke (seconds), cpu (~40 min), paper (MAD's).")
+    flags.DEFINE_string("workdir", None, "Folder of every output (default runs/mad-<preset>); rerun to resume.")
+    flags.DEFINE_list("mixers", None, "Mixers (registered names, or a+b striped hybrids); default: the preset's.")
+    flags.DEFINE_list("tasks", None, f"Tasks among {', '.join(TASKS)}; default: the preset's.")
+    flags.DEFINE_integer("seed", 0, "Seed of the data and the initial parameters.")
 
 
 def default_mixers(preset: str) -> list[str]:
@@ -485,4 +489,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
