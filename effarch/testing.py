@@ -73,3 +73,26 @@ def descent_losses(model, params, tokens, *, steps: int = 6, learning_rate: floa
         value, params = step(params)
         losses.append(float(value))
     return losses
+
+
+def load_experiment(name: str):
+    """The script ``experiments/<name>.py`` of this checkout as a module (for its smoke tests).
+
+    Registered in ``sys.modules`` as ``experiments_<name>`` (dataclasses look their module up
+    there); a second call returns the same module, so a script's registrations run once.
+    """
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    import pathlib  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+
+    module_name = f"experiments_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    if not path.exists():
+        raise ValueError(f"no experiment script {path}; expected experiments/<name>.py in the checkout.")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

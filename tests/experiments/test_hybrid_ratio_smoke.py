@@ -1,23 +1,16 @@
 """experiments/hybrid_ratio.py --preset smoke: rows and plots appear, a rerun skips finished rows."""
 
-import importlib.util
 import io
 import json
-import pathlib
-import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "hybrid_ratio.py"
+from effarch.testing import load_experiment
 
 
 @pytest.fixture(scope="module")
 def hybrid_ratio():
-    spec = importlib.util.spec_from_file_location("experiments_hybrid_ratio", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("hybrid_ratio")
 
 
 def test_layer_patterns(hybrid_ratio):

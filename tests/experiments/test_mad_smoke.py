@@ -1,23 +1,12 @@
 """experiments/mad.py: the smoke preset end to end, resumption, and error rows."""
 
-import importlib.util
 import io
 import json
-import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from effarch.testing import load_experiment
 
 
-def _load_mad():
-    spec = importlib.util.spec_from_file_location("mad_experiment", ROOT / "experiments" / "mad.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # flax dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-mad = _load_mad()
+mad = load_experiment("mad")
 
 ROW_FIELDS = {"task", "mixer", "preset", "task_knobs", "protocol", "status", "accuracy", "best_lr",
               "best_weight_decay", "settings", "params", "state_bytes", "steps", "wall_s", "layers", "device",

@@ -1,23 +1,16 @@
 """experiments/mqar.py end to end on its smoke preset: rows, plots, resumption, error rows."""
 
-import importlib.util
 import io
 import json
-import pathlib
-import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "mqar.py"
+from effarch.testing import load_experiment
 
 
 @pytest.fixture(scope="module")
 def mqar():
-    spec = importlib.util.spec_from_file_location("experiments_mqar", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("mqar")
 
 
 def test_smoke_sweep_writes_rows_and_plots_and_resumes(mqar, tmp_path):

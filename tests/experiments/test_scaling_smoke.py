@@ -1,24 +1,17 @@
 """experiments/scaling.py: the smoke preset end to end, resumption, and the fitter on synthetic data."""
 
-import importlib.util
 import io
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "scaling.py"
+from effarch.testing import load_experiment
 
 
 @pytest.fixture(scope="module")
 def scaling():
-    spec = importlib.util.spec_from_file_location("experiments_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("scaling")
 
 
 def test_smoke_study_writes_rows_fits_and_plots_and_resumes(scaling, tmp_path):
