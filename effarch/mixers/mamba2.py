@@ -43,6 +43,8 @@ class Mamba2Config(MixerConfig):
       dt_min, dt_max: range of the initial step sizes.
       dt_init_floor: smallest initial step size.
       chunk_size: chunk length of the chunked form of the op.
+      norm_eps: epsilon of the gated RMSNorm (``mamba_ssm`` and transformers'
+        ``Mamba2Mixer``: 1e-5).
     """
 
     IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = rec.LINEAR_ATTENTION_IMPLEMENTATIONS
@@ -61,6 +63,7 @@ class Mamba2Config(MixerConfig):
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
     chunk_size: int = 256
+    norm_eps: float = 1e-5
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,6 +76,8 @@ class Mamba2Config(MixerConfig):
         if self.num_heads % self.ngroups:
             raise ValueError(f"mamba2: ngroups={self.ngroups} must divide the number of heads "
                              f"expand * d_model / head_dim = {self.num_heads}.")
+        if self.norm_eps <= 0:
+            raise ValueError(f"mamba2: norm_eps={self.norm_eps}; expected > 0.")
         low, high = self.a_init_range
         if not 0 < low <= high:
             raise ValueError(f"mamba2: a_init_range={self.a_init_range}; expected 0 < low <= high.")
@@ -140,6 +145,6 @@ class Mamba2(Mixer):
             segment_ids=segment_ids, scale=1.0, chunk_size=cfg.chunk_size, implementation=cfg.implementation)
         d_skip = self.param("D", nn.initializers.ones, (h,), cfg.param_dtype)
         y = y.astype(jnp.float32) + u.astype(jnp.float32) * d_skip.astype(jnp.float32)[:, None]
-        y = GatedRMSNorm(group_size=di // g, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(
+        y = GatedRMSNorm(group_size=di // g, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(
             rec.merge_heads(y), z)
         return self.proj(cfg.d_model, "out_proj")(y), cache
