@@ -13,10 +13,16 @@ RG-LRU (paper eqs. 1-4), per channel, with ``Λ`` learned::
 
 ``h`` is ``ops.linear_scan`` with decays ``a_t`` and inputs
 ``sqrt(1 - a_t^2) i_t x_t``. Here ``Λ`` is stored as ``decay_param = -Λ``
-(``log a = -softplus(decay_param)``). The normalisation applies at every step,
-the first included, as in the paper's equation (the recurrentgemma release
-skips it at position 0). The gates are dense ``self.proj`` maps (the release
-uses block-diagonal ones).
+(``log a = -softplus(decay_param)``). Three details follow the recurrentgemma
+release (and transformers' ``RecurrentGemmaRecurrentBlock``) rather than the
+paper's text:
+
+- the first token of a sequence (position 0, and each packed-segment start)
+  enters without the ``sqrt(1 - a^2)`` factor: ``h_0 = i_0 ⊙ x_0``;
+- the gates ``W_a``, ``W_x`` are block-diagonal, one ``[W/H, W/H]`` block per
+  head (``gates="dense"``: one full matrix each);
+- ``a`` is initialised with ``a^2`` uniform in ``[0.9^2, 0.999^2]``
+  (``rnn_param_init``).
 """
 
 from __future__ import annotations
@@ -31,11 +37,15 @@ import jax.numpy as jnp
 from effarch import ops
 from effarch.layers.conv import ShortConv, init_conv_state
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
+from effarch.ops._common import segment_starts
 from effarch.ops.linear_scan import SUPPORTED as _LINEAR_SCAN_SUPPORTED
 
 # The derivative of sqrt(1 - a^2) is unbounded as a -> 1; it is clipped here
 # (as in recurrentgemma's SqrtBoundDerivative).
 MAX_SQRT_GRADIENT = 1000.0
+# How the recurrence and input gates map the conv output: one block per head
+# (the recurrentgemma release) or one full matrix.
+GATE_KINDS = ("block_diagonal", "dense")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,15 +55,24 @@ class RGLRUConfig(MixerConfig):
     Attributes:
       lru_width: width of the recurrence and both branches (None: ``d_model``,
         as in recurrentgemma).
+      num_heads: blocks H of the block-diagonal gates (recurrentgemma: one per
+        attention head, 10 in the 2B model); must divide ``lru_width``.
+      gates: ``"block_diagonal"`` (the release) or ``"dense"``.
       conv_kernel: taps of the causal conv before the RG-LRU.
       c: the fixed exponent ``c`` of ``a_t = a^(c r_t)`` (8 in the paper).
-      decay_init_range: ``(low, high)``; ``a^c`` is initialised uniformly in it.
+      decay_init_range: ``(low, high)``; ``a = sigmoid(Λ)`` is initialised with
+        ``a^2`` uniform in ``[low^2, high^2]`` (recurrentgemma's ``rnn_param_init``).
     """
 
     IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = tuple(i for i in _LINEAR_SCAN_SUPPORTED if i != "auto")
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"tiny": {"conv_kernel": 4}}
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": {"conv_kernel": 4},
+        "paper": {"num_heads": 10, "conv_kernel": 4},  # recurrentgemma-2b (d_model = lru_width = 2560)
+    }
 
     lru_width: int | None = None
+    num_heads: int = 4
+    gates: str = "block_diagonal"
     conv_kernel: int = 4
     c: float = 8.0
     decay_init_range: tuple[float, float] = (0.9, 0.999)
@@ -62,6 +81,11 @@ class RGLRUConfig(MixerConfig):
         super().__post_init__()
         if self.lru_width is not None and self.lru_width < 1:
             raise ValueError(f"rglru: lru_width={self.lru_width}; expected a positive int or None.")
+        if self.gates not in GATE_KINDS:
+            raise ValueError(f"rglru: gates={self.gates!r}; expected one of {GATE_KINDS}.")
+        if self.gates == "block_diagonal" and (self.num_heads < 1 or self.width % self.num_heads):
+            raise ValueError(f"rglru: num_heads={self.num_heads} must divide lru_width={self.width} "
+                             "for block-diagonal gates (or pass gates='dense').")
         if self.conv_kernel < 1:
             raise ValueError(f"rglru: conv_kernel={self.conv_kernel}; expected >= 1.")
         if self.c <= 0:
@@ -82,10 +106,12 @@ class RGLRUCache(NamedTuple):
     Attributes:
       conv: ``[B,W-1,lru_width]`` last inputs of the conv.
       h: ``[B,lru_width]`` float32 RG-LRU state.
+      position: ``[]`` int32, tokens seen so far (the first one skips the normalisation).
     """
 
     conv: jax.Array
     h: jax.Array
+    position: jax.Array
 
 
 @jax.custom_jvp
@@ -121,10 +147,14 @@ def rg_lru(
     *,
     c: float = 8.0,
     state: jax.Array | None = None,
+    position: int | jax.Array = 0,
     segment_ids: jax.Array | None = None,
     implementation: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None]:
     """The RG-LRU over a sequence: ``h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t)``.
+
+    The first token of a sequence has no ``sqrt(1 - a^2)`` factor (the
+    recurrentgemma release): step 0 when ``position`` is 0, and each segment start.
 
     Args:
       x: ``[B,T,W]`` inputs.
@@ -133,14 +163,18 @@ def rg_lru(
       decay_param: ``[W]`` (``log a = -softplus(decay_param)``).
       c: the fixed exponent of ``a_t = a^(c r_t)``.
       state: ``[B,W]`` float32 state before step 0, or None for zeros.
+      position: ``[]`` int, tokens of the sequence before step 0 (0: step 0
+        starts it, and ``state`` is the empty one).
       segment_ids: optional ``[B,T]`` int; the state restarts at a segment start.
       implementation: passed to ``ops.linear_scan``.
 
     Returns:
       ``h [B,T,W]`` in ``x.dtype`` and the final state (None when ``state`` was None).
     """
+    b, t, _ = x.shape
     log_a = rg_lru_log_decay(gate_a, decay_param, c)  # [B,T,W]
-    normalizer = sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a))  # sqrt(1 - a^2)
+    first = segment_starts(segment_ids, b, t).at[:, 0].set(jnp.asarray(position) == 0)  # [B,T]
+    normalizer = jnp.where(first[..., None], 1.0, sqrt_bounded_derivative(-jnp.expm1(2.0 * log_a)))
     inputs = normalizer * jax.nn.sigmoid(gate_x.astype(jnp.float32)) * x.astype(jnp.float32)
     return ops.linear_scan(
         inputs.astype(x.dtype), jnp.exp(log_a), initial_state=state,
@@ -165,18 +199,26 @@ class RGLRU(Mixer):
         xb, conv_state = ShortConv(
             kernel_size=cfg.conv_kernel, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="conv",
         )(xb, None if cache is None else cache.conv, segment_ids=segment_ids)
-        gate_a = self.proj(width, "recurrence_gate", use_bias=True)(xb)
-        gate_x = self.proj(width, "input_gate", use_bias=True)(xb)
-        decay_param = self.param("decay_param", decay_param_init(cfg.c, cfg.decay_init_range), (width,),
-                                 cfg.param_dtype)
+        gate_a = self._gate("recurrence_gate", xb)
+        gate_x = self._gate("input_gate", xb)
+        decay_param = self.param("decay_param", decay_param_init(cfg.decay_init_range), (width,), cfg.param_dtype)
         h, h_last = rg_lru(
             xb, gate_a, gate_x, decay_param, c=cfg.c, state=None if cache is None else cache.h,
-            segment_ids=segment_ids, implementation=cfg.implementation,
+            position=0 if cache is None else cache.position, segment_ids=segment_ids,
+            implementation=cfg.implementation,
         )
         y = self.proj(cfg.d_model, "out_proj", use_bias=True)(h.astype(cfg.dtype) * gate)
         if cache is None:
             return y, None
-        return y, RGLRUCache(conv=conv_state, h=h_last)
+        return y, RGLRUCache(conv=conv_state, h=h_last, position=cache.position + x.shape[1])
+
+    def _gate(self, name: str, x: jax.Array) -> jax.Array:
+        """A gate's pre-activations ``[B,T,W]``: block-diagonal (one block per head) or dense."""
+        cfg = self.config
+        if cfg.gates == "dense":
+            return self.proj(cfg.width, name, use_bias=True)(x)
+        return BlockDiagonalLinear(num_blocks=cfg.num_heads, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                   name=name)(x)
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> RGLRUCache:
         """An empty cache; its size does not depend on ``max_len``."""
@@ -184,16 +226,53 @@ class RGLRU(Mixer):
         return RGLRUCache(
             conv=init_conv_state(batch_size, cfg.conv_kernel, cfg.width, dtype),
             h=jnp.zeros((batch_size, cfg.width), jnp.float32),
+            position=jnp.zeros((), jnp.int32),
         )
 
 
-def decay_param_init(c: float, init_range: tuple[float, float]):
-    """``decay_param`` with ``a^c = exp(-c softplus(decay_param))`` uniform in ``init_range``."""
+class BlockDiagonalLinear(nn.Module):
+    """``y[..., h, :] = x[..., h, :] W[h] + b[h]``: an affine map with one dense block per head.
+
+    recurrentgemma's ``BlockDiagonalLinear`` (the RG-LRU gates); ``W [H, W/H, W/H]``
+    is initialised ``N(0, 1 / (W/H))``, ``b [H, W/H]`` at zero. It is always a
+    full-precision map (the ``projection`` option covers the block's dense
+    projections only).
+
+    Attributes:
+      num_blocks: H, must divide the input width.
+      dtype: compute dtype.
+      param_dtype: dtype of ``W`` and ``b``.
+    """
+
+    num_blocks: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [..., W] -> [..., W]``."""
+        h, width = self.num_blocks, x.shape[-1]
+        if width % h:
+            raise ValueError(f"BlockDiagonalLinear: num_blocks={h} must divide the width {width}.")
+        block = width // h
+        kernel = self.param("kernel", nn.initializers.normal(block**-0.5), (h, block, block), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (h, block), self.param_dtype)
+        xh = x.astype(self.dtype).reshape(*x.shape[:-1], h, block)  # [..., H, W/H]
+        y = jnp.einsum("...hi,hio->...ho", xh, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        return y.reshape(x.shape)
+
+
+def decay_param_init(init_range: tuple[float, float]):
+    """``decay_param`` with ``a = exp(-softplus(decay_param))``, ``a^2`` uniform in ``[low^2, high^2]``.
+
+    recurrentgemma's ``rnn_param_init``: ``a`` is distributed as the radius of a
+    point uniform on the ring ``low < |z| < high`` of the complex plane.
+    """
 
     def init(key, shape, dtype=jnp.float32):
         low, high = init_range
-        a_c = jax.random.uniform(key, shape, jnp.float32, low, high)
-        softplus_value = -jnp.log(a_c) / c
+        a_squared = jax.random.uniform(key, shape, jnp.float32, low**2, high**2)
+        softplus_value = -0.5 * jnp.log(a_squared)  # -log a
         return jnp.log(jnp.expm1(softplus_value)).astype(dtype)  # inverse softplus
 
     return init
