@@ -1,0 +1,13 @@
+"""Hugging Face checkpoint layouts in and out (safetensors; no torch needed).
+
+    config, params = effarch.convert.from_hf(path)      # config.json + *.safetensors
+    logits, aux, _ = effarch.models.LM(config).apply(params, tokens)
+    effarch.convert.to_hf(config, params, out_path)      # transformers reads it back
+
+Layouts (``ARCHITECTURES``): transformers' ``MambaForCausalLM`` (effarch
+mixer ``mamba``) and ``Mamba2ForCausalLM`` (mixer ``mamba2``). See
+docs/interop.md.
+"""
+
+from effarch.convert.architectures import ARCHITECTURES  # noqa: F401
+from effarch.convert.hf import from_hf, to_hf  # noqa: F401

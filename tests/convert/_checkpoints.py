@@ -1,0 +1,77 @@
+"""Tiny transformers checkpoints with random weights, shared by the convert tests.
+
+Only import this module after ``pytest.importorskip("torch")`` and
+``pytest.importorskip("transformers")``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+
+# The tests run on a 2-core machine beside XLA.
+torch.set_num_threads(1)
+
+# Noise added to every parameter, so that ones and zeros of the initialisation
+# (norm scales, D) become generic values and a swapped tensor shows.
+PERTURBATION_STD = 0.1
+VOCAB = 61
+B, T = 2, 13
+# Awkward sizes: a dt rank that is not D/16, a 3-tap convolution, T not a
+# multiple of the Mamba-2 chunk, two groups of B/C.
+CASES = {
+    "mamba-tied": ("MambaConfig", dict(hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
+                                       time_step_rank=3, tie_word_embeddings=True)),
+    "mamba-untied": ("MambaConfig", dict(hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
+                                         conv_kernel=4, tie_word_embeddings=False)),
+    "mamba2-tied": ("Mamba2Config", dict(hidden_size=32, num_heads=4, head_dim=16, state_size=8, n_groups=2,
+                                         expand=2, conv_kernel=4, chunk_size=8, num_hidden_layers=2,
+                                         tie_word_embeddings=True)),
+    "mamba2-untied": ("Mamba2Config", dict(hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=1,
+                                           expand=2, conv_kernel=4, chunk_size=8, num_hidden_layers=2,
+                                           layer_norm_epsilon=1e-6, tie_word_embeddings=False)),
+}
+
+
+def hf_model(case: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """The case's causal LM with every parameter perturbed, in eval mode."""
+    config_class, fields = CASES[case]
+    config = getattr(transformers, config_class)(vocab_size=VOCAB, **fields)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            param.add_(PERTURBATION_STD * torch.randn(param.shape, generator=generator))
+    # Greedy generation runs its full length (a random model may emit token 0, the default eos).
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def save(model: transformers.PreTrainedModel, folder: pathlib.Path, **kwargs) -> pathlib.Path:
+    """``save_pretrained`` (safetensors) into ``folder``."""
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def tokens(seed: int = 0, length: int = T) -> np.ndarray:
+    """``[B, length]`` int32 token ids."""
+    return np.random.default_rng(seed).integers(0, VOCAB, (B, length), dtype=np.int32)
+
+
+def hf_logits(model: transformers.PreTrainedModel, ids: np.ndarray) -> np.ndarray:
+    """``[B, T, vocab]`` float32 logits of a transformers model."""
+    with torch.no_grad():
+        return model(torch.from_numpy(ids.astype(np.int64))).logits.float().numpy()
+
+
+def hf_greedy(model: transformers.PreTrainedModel, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+    """``[B, T + new_tokens]``: transformers' greedy ``generate``."""
+    ids = torch.from_numpy(prompt.astype(np.int64))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False)
+    return out.numpy()
