@@ -29,28 +29,29 @@ def _silu_conv(kernel, x):
 def layer_loop(params, x, cfg, gated):
     """DeltaNet (Yang et al. 2024) / Gated DeltaNet layer, step by step."""
     p = params["params"]
-    h, kd, vd = cfg.heads, cfg.head_dim, cfg.value_dim
+    h, hv, kd, vd = cfg.heads, cfg.value_heads, cfg.head_dim, cfg.value_dim
     lin = lambda name, inputs: inputs @ p[name]["kernel"]
     l2 = lambda a: a / jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True) + deltanet.L2_EPS)
-    q = l2(_silu_conv(p["conv_q"]["kernel"], lin("q_proj", x)).reshape(B, T, h, kd))
-    k = l2(_silu_conv(p["conv_k"]["kernel"], lin("k_proj", x)).reshape(B, T, h, kd))
-    v = _silu_conv(p["conv_v"]["kernel"], lin("v_proj", x)).reshape(B, T, h, vd)
-    beta = jax.nn.sigmoid(lin("b_proj", x))  # [B,T,H]
-    alpha = jnp.ones((B, T, h))
+    # Value head j reads key head j // (hv / h).
+    q = jnp.repeat(l2(_silu_conv(p["conv_q"]["kernel"], lin("q_proj", x)).reshape(B, T, h, kd)), hv // h, axis=2)
+    k = jnp.repeat(l2(_silu_conv(p["conv_k"]["kernel"], lin("k_proj", x)).reshape(B, T, h, kd)), hv // h, axis=2)
+    v = _silu_conv(p["conv_v"]["kernel"], lin("v_proj", x)).reshape(B, T, hv, vd)
+    beta = jax.nn.sigmoid(lin("b_proj", x))  # [B,T,H_v]
+    alpha = jnp.ones((B, T, hv))
     if gated:
         alpha = jnp.exp(-jnp.exp(p["A_log"]) * jax.nn.softplus(lin("a_proj", x) + p["dt_bias"]))
-    state = jnp.zeros((B, h, kd, vd))
+    state = jnp.zeros((B, hv, kd, vd))
     outs = []
     for t in range(T):
         k_t, b_t = k[:, t], beta[:, t, :, None, None]
         erase = k_t[..., None] * jnp.einsum("bhk,bhkv->bhv", k_t, state)[:, :, None]  # k (k^T S)
         state = alpha[:, t, :, None, None] * (state - b_t * erase) + b_t * k_t[..., None] * v[:, t, :, None]
         outs.append(jnp.einsum("bhkv,bhk->bhv", state, q[:, t]) / np.sqrt(kd))
-    o = jnp.stack(outs, axis=1)  # [B,T,H,V]
-    o = o / jnp.sqrt(jnp.mean(o * o, axis=-1, keepdims=True) + deltanet.NORM_EPS) * p["o_norm"]["scale"]
+    o = jnp.stack(outs, axis=1)  # [B,T,H_v,V]
+    o = o / jnp.sqrt(jnp.mean(o * o, axis=-1, keepdims=True) + cfg.norm_eps) * p["o_norm"]["scale"]  # scale [V]
     if gated:
-        o = o * jax.nn.silu(lin("g_proj", x).reshape(B, T, h, vd))
-    return lin("o_proj", o.reshape(B, T, h * vd))
+        o = o * jax.nn.silu(lin("g_proj", x).reshape(B, T, hv, vd))
+    return lin("o_proj", o.reshape(B, T, hv * vd))
 
 
 # Gated DeltaNet runs every piece of DeltaNet plus the decay and gate; plain
@@ -82,3 +83,8 @@ def test_gated_decay_starts_in_the_mamba2_range():
 def test_head_dim_must_divide_d_model():
     with pytest.raises(ValueError, match="head_dim=5 must divide d_model=16"):
         mixers.build("deltanet", d_model=D, head_dim=5)
+
+
+def test_value_heads_are_a_multiple_of_key_heads():
+    with pytest.raises(ValueError, match="num_v_heads=6 must be a positive multiple of the query/key heads num_heads=4"):
+        mixers.build("gated_deltanet", d_model=D, head_dim=HEAD_DIM, num_v_heads=6)

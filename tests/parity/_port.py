@@ -71,10 +71,11 @@ def tensor(x: jax.Array) -> torch.Tensor:
 
 def effarch_outputs(mixer, params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The full-sequence output ``[B,T,D]`` and the output ``[B,1,D]`` of token ``T-1`` decoded after a prefill of ``T-1``."""
-    full, _ = mixer.apply(params, x)
+    apply = jax.jit(mixer.apply)
+    full, _ = apply(params, x)
     cache = mixer.init_cache(x.shape[0], x.shape[1])
-    _, cache = mixer.apply(params, x[:, :-1], cache)
-    step, _ = mixer.apply(params, x[:, -1:], cache)
+    _, cache = apply(params, x[:, :-1], cache)
+    step, _ = apply(params, x[:, -1:], cache)
     return full, step
 
 
