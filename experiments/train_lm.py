@@ -7,8 +7,11 @@ r"""Trains a byte-level hybrid LM on Python's standard library (or your text).
 Rerunning the same command resumes from the newest checkpoint in --workdir
 and reaches the same losses as an uninterrupted run; a workdir holding a run
 with another configuration is refused. Writes, in --workdir: config.json,
-metrics.jsonl, checkpoints/, tb/ (TensorBoard, if tensorboardX is installed),
-results.json and loss.png (if matplotlib is installed). See docs/training.md.
+metrics.jsonl (timestamped), checkpoints/, tb/ (TensorBoard, if tensorboardX is
+installed), results.json (headline numbers with device, versions, commit,
+command and date) and loss.png (if matplotlib is installed). Rerunning a
+finished run says so and leaves its results as they are; a run that fails
+before its first step leaves no workdir behind. See docs/training.md.
 
 Multi-host: start one process per host with --coordinator_address host:port
 --num_processes N --process_id i (or --distributed on a managed cluster);
@@ -18,6 +21,7 @@ every process computes the same global batch and feeds its own devices.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging as py_logging
 import pathlib
@@ -79,6 +83,12 @@ def parse_overrides(items: list[str]) -> dict:
         if key in ("dtype", "param_dtype"):
             value = jnp.dtype(value)
         out[key.strip()] = value
+    from effarch.models import LMConfig  # pylint: disable=import-outside-toplevel
+
+    fields = sorted(f.name for f in dataclasses.fields(LMConfig))
+    for key in out:
+        if key not in fields:
+            raise ValueError(f"--model {key}=...: LMConfig has no field {key!r}; valid fields: {', '.join(fields)}.")
     return out
 
 
@@ -165,11 +175,15 @@ def main(argv):
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
     from effarch import data, train  # pylint: disable=import-outside-toplevel
+    from effarch.train import sweep  # pylint: disable=import-outside-toplevel
     from effarch.models import LM, LMConfig  # pylint: disable=import-outside-toplevel
 
     start = time.perf_counter()
-    model_config = LMConfig.preset(FLAGS.preset, **parse_overrides(FLAGS.model))
-    config = train_config(FLAGS.preset)
+    try:
+        model_config = LMConfig.preset(FLAGS.preset, **parse_overrides(FLAGS.model))
+        config = train_config(FLAGS.preset)
+    except (ValueError, TypeError) as error:
+        sys.exit(f"train_lm.py: {error}")
     workdir = pathlib.Path(FLAGS.workdir or f"runs/{FLAGS.preset}")
     corpus = data.load_corpus(list(config.data), max_bytes=config.max_corpus_bytes)
     train_split, held_out = data.split(corpus, config.eval_fraction)
@@ -185,14 +199,21 @@ def main(argv):
               f"corpus {len(train_split.data):,} train / {len(held_out.data):,} held-out bytes; "
               f"{jax.device_count()} {jax.devices()[0].platform} devices, mesh {dict(trainer.mesh.shape)}",
               flush=True)
+    results_path = workdir / "results.json"
+    if int(trainer.state.step) >= config.steps and results_path.exists():
+        trainer.close()
+        if is_main:
+            print(f"{workdir} already holds a finished run ({config.steps} steps); its results stay in "
+                  f"{results_path}. Raise --steps to train on, or give a new --workdir.", flush=True)
+        return
     records = trainer.run()
     trainer.close()
     if not is_main:
         return
     summary = summarize(records, trainer.num_params, config, workdir, time.perf_counter() - start)
-    summary["device"] = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     summary["preset"] = FLAGS.preset
-    (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary.update(sweep.provenance())
+    results_path.write_text(json.dumps(summary, indent=2) + "\n")
     plotted = plot(records, workdir / "loss.png")
     held_out_text = "no evaluation" if summary["eval_bpb"] is None else f"held-out {summary['eval_bpb']:.3f} bits/byte"
     print(

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import pathlib
+import shutil
 import time
 from typing import Any, Callable
 
@@ -157,6 +158,17 @@ def make_eval_step(model: nn.Module) -> Callable:
     return eval_fn
 
 
+def _remove_unstarted_run(workdir: pathlib.Path) -> None:
+    """Deletes what a run that never finished a step wrote: its config, metrics, events, empty checkpoints."""
+    for name in (ckpt_lib.CONFIG_FILE, metrics_lib.METRICS_FILE):
+        (workdir / name).unlink(missing_ok=True)
+    for name in ("tb", ckpt_lib.CHECKPOINT_DIR):
+        if (workdir / name).is_dir():
+            shutil.rmtree(workdir / name)
+    if workdir.is_dir() and not any(workdir.iterdir()):
+        workdir.rmdir()
+
+
 @dataclasses.dataclass
 class Trainer:
     """A model, its data and a workdir, set up to train on a mesh and resume.
@@ -198,6 +210,17 @@ class Trainer:
         """
         workdir = pathlib.Path(workdir)
         is_main = jax.process_index() == 0
+        fresh = not (workdir / ckpt_lib.CONFIG_FILE).exists()
+        try:
+            return cls._create(model=model, model_config=model_config, config=config, train_data=train_data,
+                               eval_data=eval_data, workdir=workdir, is_main=is_main)
+        except BaseException:
+            if fresh and is_main:
+                _remove_unstarted_run(workdir)
+            raise
+
+    @classmethod
+    def _create(cls, *, model, model_config, config, train_data, eval_data, workdir, is_main) -> "Trainer":
         for name, ds in (("train_data", train_data), ("eval_data", eval_data)):
             if ds is not None and (ds.batch_size, ds.seq_len) != (config.batch_size, config.seq_len):
                 raise ValueError(
@@ -240,7 +263,9 @@ class Trainer:
         start = checkpoints.latest_step()
         if start is not None:
             state = checkpoints.restore(state)
-            _log.info("restored checkpoint at step %d from %s", start, checkpoints.directory)
+            _log.info("resuming from step %d (checkpoint in %s)", start, checkpoints.directory)
+        else:
+            _log.info("starting fresh in %s", workdir)
         writer = metrics_lib.MetricsWriter(workdir, start_step=start or 0, enabled=is_main)
         return cls(model=model, config=config, train_data=train_data, eval_data=eval_data, workdir=workdir,
                    mesh=mesh, state=state, checkpoints=checkpoints, writer=writer, train_step=train_step,
@@ -264,17 +289,34 @@ class Trainer:
         """Trains from the current step to ``config.steps``; returns the run's metrics records."""
         cfg = self.config
         step = int(self.state.step)
+        if step >= cfg.steps:
+            _log.info("already finished: step %d of %d; nothing to train", step, cfg.steps)
+            return metrics_lib.read_jsonl(self.writer.path) if self.writer.enabled else []
+        first_step = step
         tokens_per_step = cfg.batch_size * cfg.seq_len
+        _log.info("compiling the train step ...")
         last_time, last_step = time.perf_counter(), step
         while step < cfg.steps:
             batch = self._device_batch(self.train_data.batch(step))
-            with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
-                self.state, metrics = self.train_step(self.state, batch)
+            try:
+                with self.mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
+                    self.state, metrics = self.train_step(self.state, batch)
+            except BaseException:
+                if step == first_step == 0 and self.writer.enabled:
+                    # Nothing was trained or saved: leave no half-made run behind.
+                    self.close()
+                    _remove_unstarted_run(self.workdir)
+                raise
             step += 1
+            if step == first_step + 1:
+                jax.block_until_ready(metrics)
+                _log.info("compiled and ran the first step in %s", metrics_lib.format_duration(
+                    time.perf_counter() - last_time))
             if step % cfg.log_every == 0 or step in (1, cfg.steps):
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 values["tokens_per_s"] = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
+                values["step_s"] = (now - last_time) / max(step - last_step, 1)
                 last_time, last_step = now, step
                 self.writer.write(step, values)
                 _log.info(metrics_lib.progress_line(step, cfg.steps, values))

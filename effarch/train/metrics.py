@@ -1,16 +1,21 @@
 """Metrics: a JSONL file (the record), TensorBoard when installed, a progress line.
 
 ``metrics.jsonl`` in the workdir holds one JSON object per line: training lines
-``{"step", "loss", "lr", "grad_norm", "tokens_per_s", <aux scalars>}`` and
-evaluation lines ``{"step", "eval_loss", "eval_bpb"}``. A resumed run first
-drops the lines past the checkpoint it restored, so the file reads as if the
-run had never stopped. TensorBoard event files go to ``<workdir>/tb`` when
-``tensorboardX`` (the ``experiments`` extra) or TensorFlow's summary writer via
-``flax.metrics.tensorboard`` is importable; otherwise the JSONL is the only record.
+``{"step", "time", "loss", "lr", "grad_norm", "tokens_per_s", "step_s", <aux scalars>}``
+and evaluation lines ``{"step", "time", "eval_loss", "eval_bpb"}`` (``time``: UTC,
+ISO 8601). A resumed run first drops the lines past the checkpoint it restored,
+so the file reads as if the run had never stopped. TensorBoard event files go to
+``<workdir>/tb`` when ``tensorboardX`` (the ``experiments`` extra) or
+TensorFlow's summary writer via ``flax.metrics.tensorboard`` is importable;
+otherwise the JSONL is the only record. The event writer opens on the first
+value written (a rerun of a finished run leaves no empty event file), and a
+resumed run purges the old events past its checkpoint (tensorboardX's
+``purge_step``), so TensorBoard shows each step once.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -23,12 +28,16 @@ METRICS_FILE = "metrics.jsonl"
 _log = logging.getLogger("effarch.train")
 
 
-def _tensorboard_writer(logdir: pathlib.Path):
-    """A writer with ``scalar(tag, value, step)``, or None when no backend is importable."""
+def _tensorboard_writer(logdir: pathlib.Path, purge_step: int | None):
+    """A writer with ``scalar(tag, value, step)``, or None when no backend is importable.
+
+    ``purge_step``: events of earlier runs at this step or later are hidden
+    (tensorboardX only; TensorFlow's writer keeps them).
+    """
     try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
 
-        writer = SummaryWriter(str(logdir))
+        writer = SummaryWriter(str(logdir), purge_step=purge_step)
 
         class _Writer:
             def scalar(self, tag, value, step):
@@ -73,19 +82,25 @@ class MetricsWriter:
         self.path = pathlib.Path(workdir) / METRICS_FILE
         self.enabled = enabled
         self._tb = None
+        self._tb_opened = False
+        self._start_step = start_step
         if not enabled:
             return
         kept = [r for r in read_jsonl(self.path) if r["step"] <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._tb = _tensorboard_writer(pathlib.Path(workdir) / "tb")
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        """One JSONL line ``{"step": step, **values}`` and one TensorBoard scalar per value."""
+        """One JSONL line ``{"step", "time", **values}`` and one TensorBoard scalar per value."""
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record = {"step": int(step), "time": now, **{k: float(v) for k, v in values.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if not self._tb_opened:
+            self._tb_opened = True
+            self._tb = _tensorboard_writer(self.path.parent / "tb",
+                                           purge_step=self._start_step + 1 if self._start_step else None)
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.scalar(key, float(value), int(step))
@@ -101,8 +116,21 @@ def bits_per_byte(loss_nats: float) -> float:
     return loss_nats / math.log(2.0)
 
 
+def format_duration(seconds: float) -> str:
+    """``3725 -> "1h02m"``, ``125 -> "2m05s"``, ``7.5 -> "7.5s"``."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def progress_line(step: int, steps: int, values: dict[str, float]) -> str:
-    """``"step 120/600  loss 2.1034  bpb 3.035  lr 2.9e-03  gnorm 0.41  12.3k tok/s"``."""
+    """``"step 120/600  loss 2.1034  bpb 3.035  lr 2.9e-03  gnorm 0.41  12.3k tok/s  85 ms/step  ETA 41s"``.
+
+    The step time and ETA appear when ``values`` has ``step_s`` (seconds per step).
+    """
     parts = [f"step {step}/{steps}"]
     if "loss" in values:
         parts += [f"loss {values['loss']:.4f}", f"bpb {bits_per_byte(values['loss']):.3f}"]
@@ -112,6 +140,8 @@ def progress_line(step: int, steps: int, values: dict[str, float]) -> str:
         parts.append(f"gnorm {values['grad_norm']:.3f}")
     if "tokens_per_s" in values:
         parts.append(f"{values['tokens_per_s'] / 1e3:.1f}k tok/s")
+    if "step_s" in values:
+        parts += [f"{values['step_s'] * 1e3:.0f} ms/step", f"ETA {format_duration(values['step_s'] * (steps - step))}"]
     if "eval_loss" in values:
         parts += [f"eval_loss {values['eval_loss']:.4f}", f"eval_bpb {values['eval_bpb']:.3f}"]
     return "  ".join(parts)

@@ -1,5 +1,6 @@
 """A run killed with SIGKILL and restarted with the same command reaches the same losses."""
 
+import json
 import os
 import signal
 import subprocess
@@ -47,9 +48,27 @@ def test_sigkill_then_same_command_matches_the_uninterrupted_run(tmp_path, corpu
     assert str(CKPT_STEP) in os.listdir(workdir / "checkpoints")
 
     resumed = script_runner.run(workdir, corpus_cache)
-    assert f"restored checkpoint at step {CKPT_STEP}" in resumed.stdout
+    assert f"resuming from step {CKPT_STEP}" in resumed.stdout
 
     want = script_runner.train_losses(reference_run)
     got = script_runner.train_losses(workdir)
     assert sorted(got) == sorted(want) == list(range(1, 13))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6, atol=0)
+
+
+def test_rerunning_a_finished_run_says_so_and_keeps_its_results(reference_run, corpus_cache):
+    results = (reference_run / "results.json").read_text()
+    assert {"commit", "versions", "command", "date", "device"} <= set(json.loads(results))
+    again = script_runner.run(reference_run, corpus_cache)
+    assert "already holds a finished run (12 steps)" in again.stdout
+    assert (reference_run / "results.json").read_text() == results
+
+
+def test_an_unknown_model_field_lists_the_valid_ones(tmp_path, corpus_cache):
+    done = subprocess.run(script_runner.command(tmp_path / "run", "--model", "d_modle=64"),
+                          env=script_runner.env(corpus_cache), cwd=script_runner.ROOT, capture_output=True,
+                          text=True, timeout=script_runner.TIMEOUT_S)
+    assert done.returncode != 0
+    assert "LMConfig has no field 'd_modle'; valid fields: " in done.stderr
+    assert "d_model" in done.stderr.split("valid fields: ")[1]
+    assert not (tmp_path / "run").exists()

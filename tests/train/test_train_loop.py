@@ -85,7 +85,8 @@ def test_training_lowers_the_loss_and_writes_metrics_and_checkpoints(full_run):
     assert lines == records
     train_lines = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_lines] == [1, 4, 8, 12, 16, 20, 24]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "aux_loss", "toy_scalar"} <= set(train_lines[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_s", "aux_loss", "toy_scalar"} <= set(train_lines[0])
+    assert all(r["time"].endswith("+00:00") for r in records)  # UTC timestamps on every line
     assert train_lines[-1]["loss"] < train_lines[0]["loss"] - 1.0
     assert math.isclose(train_lines[0]["loss"], math.log(256), rel_tol=0.05)  # near-uniform at init
     evals = [r for r in records if "eval_loss" in r]
@@ -134,3 +135,51 @@ def test_data_of_the_wrong_shape_is_refused(tmp_path, corpus):
         train.Trainer.create(model=ToyLM(ToyConfig()), model_config=ToyConfig(), config=config,
                              train_data=data.PackedText(corpus[0], batch_size=4, seq_len=32, seed=0),
                              eval_data=None, workdir=tmp_path)
+
+
+def _event_files(workdir):
+    return sorted(p.name for p in (workdir / "tb").iterdir()) if (workdir / "tb").is_dir() else []
+
+
+def test_a_finished_run_trains_nothing_and_writes_no_new_events(tmp_path, full_run, corpus, caplog):
+    shutil.copytree(full_run[0], tmp_path, dirs_exist_ok=True)
+    events = _event_files(tmp_path)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    rerun = _trainer(tmp_path, corpus)
+    with caplog.at_level("INFO", logger="effarch.train"):
+        records = rerun.run()
+    rerun.close()
+    assert "already finished: step 24 of 24" in caplog.text
+    assert records == full_run[1]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    assert _event_files(tmp_path) == events
+
+
+def test_a_run_that_fails_in_its_first_step_leaves_no_workdir(tmp_path, corpus):
+    workdir = tmp_path / "run"
+    trainer = _trainer(workdir, corpus)
+    assert (workdir / "config.json").exists()
+
+    def out_of_memory(state, batch):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    trainer.train_step = out_of_memory
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        trainer.run()
+    assert not workdir.exists()
+
+
+def test_a_run_refused_at_creation_leaves_the_folder_it_found(tmp_path, corpus, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+
+    def no_mesh(spec):
+        raise ValueError(f"mesh {spec} needs 8 devices; found 1")
+
+    # Fails after config.json is written: it must be taken back.
+    monkeypatch.setattr(train.loop.sharding, "make_mesh", no_mesh)
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        _trainer(tmp_path, corpus)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        _trainer(tmp_path / "new", corpus)
+    assert not (tmp_path / "new").exists()
