@@ -38,6 +38,8 @@ from effarch.train import count_params, load_run
 
 FLAGS = flags.FLAGS
 END_MARK = "[end of document]"
+# Files of a saved Hugging Face tokenizer; --hf needs one of them for a vocabulary that is not bytes.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,6 +116,10 @@ def byte_codec() -> Codec:
 
 def hf_codec(path: str, vocab_size: int) -> Codec:
     """The Hugging Face tokenizer saved in ``path``, for a model whose vocabulary is not bytes."""
+    if not any((pathlib.Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from the model type alone.
+        raise ValueError(f"--hf {path}: vocab_size={vocab_size} is not bytes and the folder holds none of "
+                         f"{', '.join(TOKENIZER_FILES)}; save the model's tokenizer there (tokenizer.save_pretrained).")
     try:
         from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     except ImportError as err:
@@ -142,19 +148,21 @@ def load(options: SampleOptions) -> Loaded:
     if options.hf is not None:
         from effarch.convert import from_hf  # pylint: disable=import-outside-toplevel
 
-        config, params = from_hf(options.hf)
+        config, variables = from_hf(options.hf)
         codec = byte_codec() if config.vocab_size == VOCAB_SIZE else hf_codec(options.hf, config.vocab_size)
         source = f"{options.hf} (converted Hugging Face weights)"
     else:
         config, _, params, step = load_run(options.workdir, step=options.step)
+        variables = {"params": params}
         codec = byte_codec()
         source = f"{options.workdir} at step {step}"
-    source += f": {count_params(params):,} params, pattern {config.layer_pattern}, max_len {config.max_len}"
-    return Loaded(config=config, variables={"params": params}, codec=codec, source=source)
+    source += f": {count_params(variables):,} params, pattern {config.layer_pattern}, max_len {config.max_len}"
+    return Loaded(config=config, variables=variables, codec=codec, source=source)
 
 
-def check_lengths(options: SampleOptions, prompt_tokens: int, config: LMConfig) -> None:
-    """The prompt and the new tokens must fit in the model's ``max_len``; top_k in its vocabulary."""
+def check_prompt(options: SampleOptions, prompt_ids: list[int], config: LMConfig) -> None:
+    """The prompt and the new tokens must fit in the model's ``max_len``; the ids and top_k in its vocabulary."""
+    prompt_tokens = len(prompt_ids)
     if not prompt_tokens:
         raise ValueError(f"--prompt={options.prompt!r} encodes to no tokens and the tokenizer has no "
                          "beginning-of-sequence token; give a non-empty --prompt.")
@@ -167,6 +175,9 @@ def check_lengths(options: SampleOptions, prompt_tokens: int, config: LMConfig) 
             f"--max_new_tokens={new}: {prompt_tokens + new} in all, more than the model's max_len={longest}; "
             f"the two must sum to at most {longest} ({fix})."
         )
+    if max(prompt_ids) >= config.vocab_size:
+        raise ValueError(f"--prompt encodes to token ids up to {max(prompt_ids)}, outside the model's "
+                         f"vocab_size={config.vocab_size}; the tokenizer does not match the model.")
     if options.top_k is not None and options.top_k > config.vocab_size:
         raise ValueError(f"--top_k={options.top_k}; expected at most the model's vocab_size={config.vocab_size}.")
 
@@ -219,7 +230,7 @@ def run(options: SampleOptions, stream: TextIO = sys.stdout) -> Report:
     loaded = load(options)
     config, variables, codec = loaded.config, loaded.variables, loaded.codec
     prompt_ids = codec.encode(options.prompt)
-    check_lengths(options, len(prompt_ids), config)
+    check_prompt(options, prompt_ids, config)
     lm = LM(config=config)
     batch, prompt_len, new = options.num_samples, len(prompt_ids), options.max_new_tokens
     prompt = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (batch, 1))  # [B, T]
