@@ -15,6 +15,7 @@ command line.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -43,7 +44,7 @@ def _parse_args(argv):
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS),
                         choices=IMPLEMENTATIONS)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (median kept)")
-    parser.add_argument("--output", default="scan_benchmark.json", help="JSON report path")
+    parser.add_argument("--out", "--output", dest="out", default="results/scan.json", help="JSON report path")
     args = parser.parse_args(argv)
     if jax.default_backend() == "cpu" and not args.small:
         parser.error("on CPU run with --small (Pallas kernels are interpreted there).")
@@ -160,9 +161,10 @@ def main(argv=None):
                     report["results"].append(
                         dict(op=op, shape=shape, implementation=implementation, mode=mode, **m)
                     )
-    with open(args.output, "w") as f:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"wrote {args.output}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

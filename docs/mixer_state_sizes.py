@@ -7,10 +7,10 @@ complex element counts as two. Attention and Hyena caches grow with
 ``max_len`` (given on the command line, default 2048); attention with a window
 keeps only the window.
 
-    python docs/mixer_state_sizes.py [max_len]
+    python docs/mixer_state_sizes.py [--max_len 2048]
 """
 
-import sys
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -42,4 +42,10 @@ def main(max_len: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2048)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max_len", type=int, default=2048,
+                        help="length the attention and Hyena caches are sized for (default 2048)")
+    args = parser.parse_args()
+    if args.max_len < 1:
+        parser.error(f"--max_len={args.max_len}; expected a positive number of tokens.")
+    main(args.max_len)
