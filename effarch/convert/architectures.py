@@ -142,6 +142,7 @@ _MAMBA_DEFAULTS = {
     "layer_norm_epsilon": 1e-5,
     "expand": 2,
     "conv_kernel": 4,
+    "residual_in_fp32": True,
     "time_step_min": 0.001,
     "time_step_max": 0.1,
     "time_step_floor": 1e-4,

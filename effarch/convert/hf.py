@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -58,6 +59,8 @@ TAGGED_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": fl
 MAX_LISTED = 8
 
 PathLike = str | os.PathLike
+
+_log = logging.getLogger("effarch.convert")
 
 
 class Entry(NamedTuple):
@@ -116,6 +119,11 @@ def _lm_config(arch: Architecture, hf: Mapping[str, Any], overrides: Mapping[str
         raise ValueError(f"from_hf: overrides {unknown} would change the architecture; only "
                          f"{', '.join(RUNTIME_FIELDS)} may be overridden.")
     hf = {**arch.defaults, **hf}
+    dtype = jnp.dtype(overrides.get("dtype", jnp.float32))
+    if hf["residual_in_fp32"] and dtype != jnp.float32:
+        _log.warning("from_hf: %s has residual_in_fp32=true, but effarch's residual stream is in the compute "
+                     "dtype (%s), not float32: expect larger differences from transformers than %s rounding.",
+                     arch.name, dtype.name, dtype.name)
     try:
         for field, value in arch.fixed.items():
             if hf[field] != value:

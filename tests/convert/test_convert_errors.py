@@ -109,6 +109,11 @@ def test_overrides_that_change_the_architecture_are_refused(saved):
         convert.from_hf(saved, d_model=64)
 
 
+def test_low_precision_compute_warns_about_the_residual_stream(saved, caplog):
+    convert.from_hf(saved, dtype=jnp.bfloat16)
+    assert "residual_in_fp32=true, but effarch's residual stream is in the compute dtype (bfloat16)" in caplog.text
+
+
 # to_hf: nothing is written when it fails.
 
 
