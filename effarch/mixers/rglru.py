@@ -231,20 +231,25 @@ class RGLRU(Mixer):
 
 
 class BlockDiagonalLinear(nn.Module):
-    """``y[..., h, :] = x[..., h, :] W[h] + b[h]``: an affine map with one dense block per head.
+    """``y[..., h, :] = x[..., h, :] W[h] + b[h]``: a linear map with one dense block per head.
 
-    recurrentgemma's ``BlockDiagonalLinear`` (the RG-LRU gates); ``W [H, W/H, W/H]``
-    is initialised ``N(0, 1 / (W/H))``, ``b [H, W/H]`` at zero. It is always a
-    full-precision map (the ``projection`` option covers the block's dense
-    projections only).
+    recurrentgemma's ``BlockDiagonalLinear`` (the RG-LRU gates) and xLSTM's
+    ``LinearHeadwiseExpand`` (the mLSTM's q, k, v). ``W [H, W/H, W/H]`` is
+    initialised ``N(0, 1 / (W/H))`` unless ``kernel_init`` is given, ``b [H, W/H]``
+    at zero. It is always a full-precision map (the ``projection`` option covers
+    a mixer's dense projections only).
 
     Attributes:
       num_blocks: H, must divide the input width.
+      use_bias: learn ``b``.
+      kernel_init: initialiser of ``W`` (None: ``N(0, 1 / (W/H))``).
       dtype: compute dtype.
       param_dtype: dtype of ``W`` and ``b``.
     """
 
     num_blocks: int
+    use_bias: bool = True
+    kernel_init: Any = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -255,10 +260,12 @@ class BlockDiagonalLinear(nn.Module):
         if width % h:
             raise ValueError(f"BlockDiagonalLinear: num_blocks={h} must divide the width {width}.")
         block = width // h
-        kernel = self.param("kernel", nn.initializers.normal(block**-0.5), (h, block, block), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (h, block), self.param_dtype)
+        init = nn.initializers.normal(block**-0.5) if self.kernel_init is None else self.kernel_init
+        kernel = self.param("kernel", init, (h, block, block), self.param_dtype)
         xh = x.astype(self.dtype).reshape(*x.shape[:-1], h, block)  # [..., H, W/H]
-        y = jnp.einsum("...hi,hio->...ho", xh, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        y = jnp.einsum("...hi,hio->...ho", xh, kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (h, block), self.param_dtype).astype(self.dtype)
         return y.reshape(x.shape)
 
 

@@ -13,24 +13,28 @@ exponential input gate ``i_t = exp(ĩ_t)``, forget gate ``f_t = sigmoid(f̃_t)``
 ``ñ_t = n_t e^{-m_t}``::
 
     C̃_t = exp(log f_t + m_{t-1} - m_t) C̃_{t-1} + exp(ĩ_t - m_t) k_t v_t^T
-    h_t = o_t ⊙ (C̃_t^T q_t) / max(|ñ_t^T q_t|, exp(-m_t))
+    h_t = o_t ⊙ (C̃_t^T q_t) / (max(|ñ_t^T q_t|, exp(-m_t)) + eps)
 
 Both exponents are ``<= 0``, so the stabilised cell is one call of
 ``ops.linear_attention`` with ``log_decay = log f + m_{t-1} - m_t`` and keys
 scaled by ``exp(ĩ - m)``; appending a column of ones to ``v`` makes the same
 call produce ``ñ_t^T q_t``. The result does not depend on ``m`` (it cancels),
-so ``m`` is held constant under differentiation.
+so ``m`` is held constant under differentiation; only the small ``eps`` of
+the NX-AI release (1e-6, added in the stabilised frame) sees it.
 
-The layer is the paper's mLSTM block (pre-norm left to the model):
-up-projection to two branches of width ``proj_factor * D``; causal conv + SiLU
-feeding ``q`` and ``k``; ``v`` from the un-convolved branch; gates from
-``[q, k, v]``; per-head LayerNorm; a learnable skip from the conv branch; the
-output gate ``o = silu(z)`` from the second branch; down-projection.
+The layer is the paper's mLSTM block (pre-norm left to the model), as NX-AI's
+``xlstm`` package builds it (``mLSTMLayer``): up-projection to two branches of
+width ``proj_factor * D`` rounded up to a multiple of 64; causal conv + SiLU
+feeding ``q`` and ``k``; ``v`` from the un-convolved branch, each of ``q, k, v``
+a block-diagonal map with blocks of 4 channels (``qkv_blocksize=None``: dense);
+gates from ``[q, k, v]``; per-head LayerNorm; a learnable skip from the conv
+branch; the output gate ``o = silu(z)`` from the second branch; down-projection.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
@@ -42,6 +46,7 @@ from effarch.layers.conv import ShortConv, init_conv_state
 from effarch.layers.norms import HeadNorm
 from effarch.mixers._recurrence import LINEAR_ATTENTION_IMPLEMENTATIONS, merge_heads, split_heads
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
+from effarch.mixers.rglru import BlockDiagonalLinear
 from effarch.ops._common import segment_starts
 
 # Initial value of the stabiliser m for an empty state (and at a segment start).
@@ -56,43 +61,66 @@ DENOMINATOR_FLOOR = float(jnp.finfo(jnp.float32).tiny)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MLSTMConfig(MixerConfig):
-    """mLSTM block options.
+    """mLSTM block options (defaults: NX-AI's ``mLSTMLayerConfig``).
 
     Attributes:
-      num_heads: heads H; ``inner = proj_factor * d_model`` splits into H heads
-        of size ``K = V = inner / H``.
+      num_heads: heads H; the inner width splits into H heads of size
+        ``K = V = inner / H``.
       proj_factor: width of each up-projected branch relative to ``d_model``.
+      inner_multiple: the inner width is ``proj_factor * d_model`` rounded up
+        to a multiple of this (xLSTM: 64).
+      qkv_blocksize: width of the diagonal blocks of the q, k, v maps (xLSTM's
+        ``qkv_proj_blocksize``: 4); None: dense maps.
       conv_kernel: taps of the causal convolution feeding ``q`` and ``k``.
+      norm_eps: epsilon of the per-head LayerNorm (xLSTM: 1e-5).
+      normalizer_eps: added to the cell's denominator
+        ``max(|ñ^T q|, exp(-m))`` (xLSTM: 1e-6).
       chunk_size: chunk length of the chunked ``linear_attention``.
     """
 
     IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = LINEAR_ATTENTION_IMPLEMENTATIONS
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"num_heads": 2, "proj_factor": 2.0, "conv_kernel": 4, "chunk_size": 8},
+        # xLSTM[1:0] (Beck et al. 2024, sec. 4): the mLSTM block of the language models.
+        "paper": {"num_heads": 4, "proj_factor": 2.0, "qkv_blocksize": 4, "conv_kernel": 4},
     }
 
     num_heads: int = 4
     proj_factor: float = 2.0
+    inner_multiple: int = 64
+    qkv_blocksize: int | None = 4
     conv_kernel: int = 4
+    norm_eps: float = 1e-5
+    normalizer_eps: float = 1e-6
     chunk_size: int = 64
 
     def __post_init__(self):
         super().__post_init__()
+        if self.proj_factor <= 0 or self.inner_multiple < 1:
+            raise ValueError(f"mlstm: proj_factor={self.proj_factor}, inner_multiple={self.inner_multiple}; "
+                             "expected proj_factor > 0 and inner_multiple >= 1.")
         inner = self.inner_dim
         if self.num_heads < 1 or inner % self.num_heads:
             raise ValueError(
-                f"mlstm: num_heads={self.num_heads} must be positive and divide "
-                f"inner = round(proj_factor * d_model) = round({self.proj_factor} * {self.d_model}) = {inner}."
+                f"mlstm: num_heads={self.num_heads} must be positive and divide the inner width "
+                f"{inner} (proj_factor * d_model = {self.proj_factor} * {self.d_model} rounded up to a "
+                f"multiple of inner_multiple={self.inner_multiple})."
             )
+        if self.qkv_blocksize is not None and (self.qkv_blocksize < 1 or inner % self.qkv_blocksize):
+            raise ValueError(f"mlstm: qkv_blocksize={self.qkv_blocksize} must be positive and divide the inner "
+                             f"width {inner} (or None for dense q, k, v maps).")
         if self.conv_kernel < 1:
             raise ValueError(f"mlstm: conv_kernel={self.conv_kernel}; expected >= 1.")
+        if self.norm_eps <= 0 or self.normalizer_eps < 0:
+            raise ValueError(f"mlstm: norm_eps={self.norm_eps}, normalizer_eps={self.normalizer_eps}; "
+                             "expected norm_eps > 0 and normalizer_eps >= 0.")
         if self.chunk_size < 1:
             raise ValueError(f"mlstm: chunk_size={self.chunk_size}; expected >= 1.")
 
     @property
     def inner_dim(self) -> int:
-        """Width of each up-projected branch."""
-        return int(round(self.proj_factor * self.d_model))
+        """Width of each up-projected branch: ``proj_factor * d_model`` rounded up to ``inner_multiple``."""
+        return math.ceil(self.proj_factor * self.d_model / self.inner_multiple) * self.inner_multiple
 
     @property
     def head_dim(self) -> int:
@@ -173,6 +201,7 @@ def mlstm_cell(
     *,
     state: MLSTMState | None = None,
     segment_ids: jax.Array | None = None,
+    eps: float = 0.0,
     chunk_size: int = 64,
     implementation: str = "auto",
 ) -> tuple[jax.Array, MLSTMState | None]:
@@ -185,11 +214,13 @@ def mlstm_cell(
       f_pre: ``[B,T,H]`` forget-gate pre-activations (``f = sigmoid(f_pre)``).
       state: the state before step 0, or None for an empty one.
       segment_ids: optional ``[B,T]`` int ids of packed sequences.
+      eps: added to the stabilised denominator ``max(|ñ^T q|, exp(-m))``
+        (0: the paper's cell exactly; the NX-AI release adds 1e-6).
       chunk_size, implementation: passed to ``ops.linear_attention``.
 
     Returns:
-      ``h [B,T,H,V]`` float32 (``(C^T q) / max(|n^T q|, 1)`` per head) and the
-      state after the last step (None when ``state`` was None).
+      ``h [B,T,H,V]`` float32 (``(C^T q) / max(|n^T q|, 1)`` per head when
+      ``eps = 0``) and the state after the last step (None when ``state`` was None).
     """
     b, t, h, kd = q.shape
     vd = v.shape[-1]
@@ -211,7 +242,7 @@ def mlstm_cell(
     )
     out = out.astype(jnp.float32)
     numerator, normalizer = out[..., :vd], out[..., vd]  # C̃^T q [B,T,H,V], ñ^T q [B,T,H]
-    denominator = jnp.maximum(jnp.maximum(jnp.abs(normalizer), jnp.exp(-m)), DENOMINATOR_FLOOR)
+    denominator = jnp.maximum(jnp.maximum(jnp.abs(normalizer), jnp.exp(-m)), DENOMINATOR_FLOOR) + eps
     hidden = numerator / denominator[..., None]
     if state is None:
         return hidden, None
@@ -240,9 +271,9 @@ class MLSTM(Mixer):
             kernel_size=cfg.conv_kernel, activation="silu", dtype=cfg.dtype,
             param_dtype=cfg.param_dtype, name="conv",
         )(x_m, None if cache is None else cache.conv, segment_ids=segment_ids)
-        q = self.proj(inner, "q_proj")(x_c)
-        k = self.proj(inner, "k_proj")(x_c)
-        v = self.proj(inner, "v_proj")(x_m)
+        q = self._qkv_map("q_proj", x_c)
+        k = self._qkv_map("k_proj", x_c)
+        v = self._qkv_map("v_proj", x_m)
         qkv = jnp.concatenate([q, k, v], axis=-1)  # [B,T,3 inner]
         zeros = nn.initializers.zeros
         i_pre = self.proj(heads, "igate", kernel_init=zeros)(qkv).astype(jnp.float32)
@@ -252,16 +283,28 @@ class MLSTM(Mixer):
         hidden, cell = mlstm_cell(
             split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
             i_pre + i_bias.astype(jnp.float32), f_pre + f_bias.astype(jnp.float32),
-            state=None if cache is None else cache.cell, segment_ids=segment_ids,
+            state=None if cache is None else cache.cell, segment_ids=segment_ids, eps=cfg.normalizer_eps,
             chunk_size=cfg.chunk_size, implementation=cfg.implementation,
         )
-        hidden = HeadNorm(kind="layer", dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(hidden)
+        hidden = HeadNorm(kind="layer", eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                          name="norm")(hidden)
         skip = self.param("skip", nn.initializers.ones, (inner,), cfg.param_dtype)
         hidden = merge_heads(hidden) + skip.astype(cfg.dtype) * x_c
         y = self.proj(cfg.d_model, "down_proj")(hidden * jax.nn.silu(z))
         if cache is None:
             return y, None
         return y, MLSTMCache(conv=conv_state, cell=cell)
+
+    def _qkv_map(self, name: str, x: jax.Array) -> jax.Array:
+        """One of the q, k, v maps ``[B,T,inner] -> [B,T,inner]``: block-diagonal (xLSTM) or dense."""
+        cfg = self.config
+        if cfg.qkv_blocksize is None:
+            return self.proj(cfg.inner_dim, name)(x)
+        # xLSTM's small init (Nguyen & Salazar 2019) over the model width: N(0, 2 / (5 D)).
+        small_init = nn.initializers.normal((2.0 / (5.0 * cfg.d_model)) ** 0.5)
+        return BlockDiagonalLinear(num_blocks=cfg.inner_dim // cfg.qkv_blocksize, use_bias=False,
+                                   kernel_init=small_init, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                   name=name)(x)
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> MLSTMCache:
         """An empty cache; its size does not depend on ``max_len``."""
