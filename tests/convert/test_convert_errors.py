@@ -166,13 +166,22 @@ def test_to_hf_wrong_shape(model, out):
     (dict(pattern="SA"), r"the layers use \['AttentionConfig', 'MambaConfig'\]; a transformers layout exists"),
     (dict(mlp="swiglu"), r"mlp='swiglu', but MambaForCausalLM blocks have no MLP"),
     (dict(layer_options={1: {"d_state": 8}}), r"options differ \(2 distinct configs\)"),
-], ids=["attention", "mlp", "per_layer_options"])
+    (dict(projection="bitlinear"), r"projection='bitlinear'; MambaForCausalLM has dense projections"),
+], ids=["attention", "mlp", "per_layer_options", "bitlinear"])
 def test_to_hf_configs_without_a_layout(model, out, fields, message):
     config, params = model
     config = LMConfig(**{**{f: getattr(config, f) for f in ("vocab_size", "d_model", "n_layers", "mixers")},
                          "pattern": "S", "mlp": "none", **fields})
     with pytest.raises(ValueError, match=message):
         convert.to_hf(config, params, out)
+    assert_nothing_written(out)
+
+
+def test_to_hf_mamba2_needs_one_epsilon(model, out):
+    config = LMConfig(vocab_size=61, d_model=32, n_layers=2, pattern="M", mlp="none", norm_eps=1e-5,
+                      mixers={"M": ("mamba2", {"head_dim": 16, "norm_eps": 1e-6})})
+    with pytest.raises(ValueError, match=r"gated norm has norm_eps=1e-06 and the block norms norm_eps=1e-05"):
+        convert.to_hf(config, model[1], out)
     assert_nothing_written(out)
 
 
