@@ -25,6 +25,9 @@ from effarch.layers.norms import RMSNorm
 from effarch.mixers import _recurrence as rec
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
 
+# The paper's state expansion E (HGRN2 sec. 4; flash-linear-attention's default).
+PAPER_EXPAND_RATIO = 128
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HGRN2Config(MixerConfig):
@@ -32,7 +35,9 @@ class HGRN2Config(MixerConfig):
 
     Attributes:
       expand_ratio: forget channels E per head (state expansion; paper: 128);
-        there are ``H = D / E`` heads, each with a ``[E, D/H]`` state.
+        there are ``H = D / E`` heads, each with a ``[E, D/H]`` state. None:
+        the largest divisor of ``d_model`` up to ``PAPER_EXPAND_RATIO`` (128
+        wherever it divides), so the default builds at every width.
       lower_bound: ``beta`` in ``[0, 1)``, the smallest forget-gate value of
         this layer (0 for the first layer, larger deeper in the stack).
       chunk_size: chunk length of the chunked form of the op.
@@ -41,25 +46,33 @@ class HGRN2Config(MixerConfig):
     IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = rec.LINEAR_ATTENTION_IMPLEMENTATIONS
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"expand_ratio": 8, "lower_bound": 0.5, "chunk_size": 8},
-        "paper": {"expand_ratio": 128},
+        "paper": {"expand_ratio": PAPER_EXPAND_RATIO},
     }
 
-    expand_ratio: int = 128
+    expand_ratio: int | None = None
     lower_bound: float = 0.0
     chunk_size: int = 64
 
     def __post_init__(self):
         super().__post_init__()
-        if self.expand_ratio < 1 or self.d_model % self.expand_ratio:
-            raise ValueError(f"hgrn2: expand_ratio={self.expand_ratio} must divide d_model={self.d_model}.")
+        if self.expand_ratio is not None and (self.expand_ratio < 1 or self.d_model % self.expand_ratio):
+            raise ValueError(f"hgrn2: expand_ratio={self.expand_ratio} must divide d_model={self.d_model} "
+                             "(or None: the largest divisor up to 128).")
         if not 0.0 <= self.lower_bound < 1.0:
             raise ValueError(f"hgrn2: lower_bound={self.lower_bound}; expected 0 <= lower_bound < 1.")
         if self.chunk_size < 1:
             raise ValueError(f"hgrn2: chunk_size={self.chunk_size}; expected >= 1.")
 
     @property
+    def expansion(self) -> int:
+        """E, the forget channels per head (``expand_ratio`` resolved)."""
+        if self.expand_ratio is not None:
+            return self.expand_ratio
+        return max(e for e in range(1, min(self.d_model, PAPER_EXPAND_RATIO) + 1) if self.d_model % e == 0)
+
+    @property
     def num_heads(self) -> int:
-        return self.d_model // self.expand_ratio
+        return self.d_model // self.expansion
 
 
 def forget_gate(logits: jax.Array, lower_bound: float) -> tuple[jax.Array, jax.Array]:
@@ -84,7 +97,7 @@ class HGRN2(Mixer):
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> rec.RecurrentCache:
         cfg = self.config
         h = cfg.num_heads
-        return rec.empty_cache(batch_size, h, cfg.expand_ratio, cfg.d_model // h, dtype=dtype)
+        return rec.empty_cache(batch_size, h, cfg.expansion, cfg.d_model // h, dtype=dtype)
 
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):

@@ -50,6 +50,14 @@ def test_hgrn2_forget_gate_respects_the_lower_bound(lower_bound):
     assert_relative_close(one_minus_f + f, jnp.ones_like(f), name="k = 1 - f")
 
 
+@pytest.mark.parametrize("d_model,expansion", [(256, 128), (64, 64), (200, 100), (129, 43), (7, 7)],
+                         ids=lambda v: str(v))
+def test_hgrn2_default_expansion_builds_at_every_width(d_model, expansion):
+    """expand_ratio=None: the largest divisor of d_model up to the paper's 128."""
+    config = mixers.make_config("hgrn2", d_model=d_model)
+    assert (config.expansion, config.num_heads) == (expansion, d_model // expansion)
+
+
 def test_gla_decay_starts_near_one():
     mixer = mixers.build("gla", d_model=16, preset="tiny")
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 16))
