@@ -145,6 +145,6 @@ class Mamba2(Mixer):
             segment_ids=segment_ids, scale=1.0, chunk_size=cfg.chunk_size, implementation=cfg.implementation)
         d_skip = self.param("D", nn.initializers.ones, (h,), cfg.param_dtype)
         y = y.astype(jnp.float32) + u.astype(jnp.float32) * d_skip.astype(jnp.float32)[:, None]
-        y = GatedRMSNorm(group_size=di // g, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(
-            rec.merge_heads(y), z)
+        y = GatedRMSNorm(group_size=di // g, eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         name="norm")(rec.merge_heads(y), z)
         return self.proj(cfg.d_model, "out_proj")(y), cache

@@ -86,5 +86,6 @@ def test_head_dim_must_divide_d_model():
 
 
 def test_value_heads_are_a_multiple_of_key_heads():
-    with pytest.raises(ValueError, match="num_v_heads=6 must be a positive multiple of the query/key heads num_heads=4"):
+    with pytest.raises(ValueError, match="num_v_heads=6 must be a positive multiple of the query/key heads "
+                                         "num_heads=4"):
         mixers.build("gated_deltanet", d_model=D, head_dim=HEAD_DIM, num_v_heads=6)

@@ -70,7 +70,7 @@ def tensor(x: jax.Array) -> torch.Tensor:
 
 
 def effarch_outputs(mixer, params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The full-sequence output ``[B,T,D]`` and the output ``[B,1,D]`` of token ``T-1`` decoded after a prefill of ``T-1``."""
+    """The full-sequence output ``[B,T,D]``, and the output ``[B,1,D]`` of the last token decoded after the rest."""
     apply = jax.jit(mixer.apply)
     full, _ = apply(params, x)
     cache = mixer.init_cache(x.shape[0], x.shape[1])
