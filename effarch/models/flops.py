@@ -87,13 +87,14 @@ def _mamba2(cfg: Mamba2Config, t: int) -> dict[str, float]:
 
 
 def _deltanet(cfg: DeltaNetConfig, t: int) -> dict[str, float]:
-    d, h, k, v = cfg.d_model, cfg.heads, cfg.head_dim, cfg.value_dim
-    weights = d * (2 * h * k + h * v) + d * h + h * v * d  # q, k, v, beta, o
+    # hk key heads (q, k); hv value heads (v, beta, decay, gate, state), each key head serving hv / hk.
+    d, hk, hv, k, v = cfg.d_model, cfg.heads, cfg.value_heads, cfg.head_dim, cfg.value_dim
+    weights = d * (2 * hk * k + hv * v) + d * hv + hv * v * d  # q, k, v, beta, o
     if isinstance(cfg, GatedDeltaNetConfig):
-        weights += d * h + d * h * v  # a (decay), g (output gate)
+        weights += d * hv + d * hv * v  # a (decay), g (output gate)
     c, pad = _padded(t, cfg.chunk_size)
-    core = pad * h * (2 * c * (3 * k + 2 * v) + 6 * k * v)
-    return {"projections": 2 * weights, "core": core, "conv": 2 * cfg.conv_size * h * (2 * k + v)}
+    core = pad * hv * (2 * c * (3 * k + 2 * v) + 6 * k * v)
+    return {"projections": 2 * weights, "core": core, "conv": 2 * cfg.conv_size * (2 * hk * k + hv * v)}
 
 
 def _generic(cfg, t: int) -> dict[str, float]:

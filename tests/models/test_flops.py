@@ -108,6 +108,7 @@ def test_width_and_depth_scaling():
     ("attention", {"num_heads": 4, "num_kv_heads": 2}),
     ("mamba2", {"d_state": 16, "head_dim": 16, "ngroups": 2}),
     ("gated_deltanet", {"head_dim": 16}),
+    ("gated_deltanet", {"head_dim": 16, "num_heads": 2, "num_v_heads": 4}),  # grouped value heads
     ("deltanet", {"head_dim": 16}),
 ])
 def test_analytic_projections_match_the_mixers_weights(name, options):
