@@ -4,7 +4,9 @@ A workdir holds ``config.json`` (the model and train configs of the run),
 ``checkpoints/<step>/`` (orbax, the most recent ``keep`` of them) and the
 metrics. Starting a run in a workdir that holds another configuration raises
 a ValueError naming every differing field, before anything is written, so a
-saved run is never overwritten by a different one. The train state is saved
+saved run is never overwritten by a different one. A field the saved file
+lacks (the config class gained it after the run was saved) counts as its
+default, so adding an optional field never stops an old run from resuming. The train state is saved
 with the step it reached; the data order and randomness are functions of
 (seed, step), so restoring the latest checkpoint continues the run exactly.
 
@@ -51,6 +53,28 @@ def to_json(value: Any) -> Any:
         return repr(value)
 
 
+def with_defaults(saved: Any, config: Any) -> Any:
+    """``saved`` (JSON of ``config``'s class) with every field it lacks set to the class's default.
+
+    Recurses into fields whose current value is itself a dataclass (e.g.
+    ``LMConfig.moe``) and into mappings of configs; a required field (no
+    default) that is absent stays absent.
+    """
+    if isinstance(config, Mapping) and isinstance(saved, dict):
+        return {k: with_defaults(v, config[k]) if k in config else v for k, v in saved.items()}
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type) and isinstance(saved, dict)):
+        return saved
+    filled = dict(saved)
+    for f in dataclasses.fields(config):
+        if f.name in filled:
+            filled[f.name] = with_defaults(filled[f.name], getattr(config, f.name))
+        elif f.default is not dataclasses.MISSING:
+            filled[f.name] = to_json(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            filled[f.name] = to_json(f.default_factory())
+    return filled
+
+
 def _differences(saved: Any, current: Any, prefix: str) -> list[str]:
     """``"prefix.field: saved X, now Y"`` for every leaf that differs."""
     if isinstance(saved, dict) and isinstance(current, dict):
@@ -72,13 +96,16 @@ def check_or_write_config(workdir: pathlib.Path | str, configs: dict[str, Any], 
       may_differ: name -> top-level fields allowed to change between a run and its resumption.
       write: write the file if absent (False on processes other than the first).
 
+    A field absent from the saved file compares as the field's default (a
+    field added to the config class since the run was saved).
+
     Raises:
       ValueError: the saved configuration differs, naming each differing field.
     """
     path = pathlib.Path(workdir) / CONFIG_FILE
     current = to_json(configs)
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = with_defaults(json.loads(path.read_text()), configs)
         for name, fields in may_differ.items():
             for field in fields:
                 saved.get(name, {}).pop(field, None)
