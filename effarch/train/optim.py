@@ -19,12 +19,33 @@ def learning_rate(config: TrainConfig) -> optax.Schedule:
     )
 
 
-def decay_mask(params):
-    """True for parameters that get weight decay: rank >= 2 (matrices, embeddings, conv filters).
+# Parameters of a recurrence, a state-space model or a norm: never weight-decayed, whatever
+# their rank, as the reference trainers do (mamba_ssm's _no_weight_decay on A_log, D and
+# dt_bias; S4's A and dt; RWKV's time_* / mixing vectors; per-head norm scales).
+NO_DECAY = frozenset({
+    "scale",  # norm scales, per-head ones [H, K] included
+    "A_log", "D", "dt_bias",  # Mamba, Mamba-2, Gated DeltaNet ([E*D, N] in Mamba-1)
+    "log_dt", "log_neg_a_real", "a_imag",  # S4D
+    "decay_param",  # RG-LRU's Lambda
+    "time_decay", "time_faaaa", "maa", "maa_x",  # RWKV-6
+    "w0", "a0", "k_a", "k_k", "r_k", "x_mix",  # RWKV-7
+    "fgate_bias", "igate_bias", "skip",  # mLSTM
+    "filter_bias",  # Hyena's implicit filter
+})
 
-    Norm scales, biases and per-channel vectors (decay rates, skip gains) are rank 1 or 0.
+
+def decay_mask(params):
+    """True for parameters that get weight decay: matrices, embeddings, conv filters, experts.
+
+    A parameter is decayed when it has rank >= 2 and its name is not in
+    :data:`NO_DECAY` (recurrence, SSM and norm parameters, e.g. Mamba's
+    ``A_log [E*D, N]``). Biases and per-channel vectors are rank 1 and never decayed.
     """
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    def decayed(path, p):
+        keys = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+        return p.ndim >= 2 and (keys[-1] if keys else None) not in NO_DECAY
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:

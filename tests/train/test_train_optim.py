@@ -1,6 +1,7 @@
 """The optimiser: warmup + cosine schedule, clipping, weight decay only on matrices, TrainConfig checks."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,3 +63,28 @@ def test_clipping_equals_adamw_on_the_clipped_gradient():
 def test_train_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         _config(**overrides)
+
+
+def test_weight_decay_skips_recurrence_and_ssm_parameters_of_any_rank():
+    """Mamba-1's A_log [E*D, N], S4D's A and per-head norm scales [H, K] are not decayed; weights and experts are."""
+    from effarch.models import LM, LMConfig  # pylint: disable=import-outside-toplevel
+    from effarch.layers.moe import MoEConfig  # pylint: disable=import-outside-toplevel
+
+    config = LMConfig(d_model=32, n_layers=3, pattern="SQK", mixers={"Q": ("s4d", {}), "K": ("gla", {})},
+                      mlp="moe", moe=MoEConfig(num_experts=4, top_k=2), vocab_size=64)
+    params = jax.eval_shape(lambda: LM(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    params = nn.unbox(params)  # as the trainer holds them
+    decayed = {jax.tree_util.keystr(path): (flag, leaf.ndim)
+               for (path, flag), leaf in zip(jax.tree_util.tree_flatten_with_path(train.decay_mask(params))[0],
+                                             jax.tree.leaves(params))}
+
+    def flags_of(name):
+        found = {flag for key, (flag, _) in decayed.items() if key.endswith(f"['{name}']")}
+        assert found, f"no parameter named {name} in {sorted(decayed)[:20]}"
+        return found
+
+    assert {ndim for key, (_, ndim) in decayed.items() if key.endswith("['A_log']")} >= {2}  # Mamba-1's A_log
+    for name in ("A_log", "D", "dt_bias", "log_neg_a_real", "a_imag", "log_dt", "scale", "bias"):
+        assert flags_of(name) == {False}, name
+    for name in ("kernel", "embedding", "gate", "up", "down", "router"):
+        assert flags_of(name) == {True}, name
