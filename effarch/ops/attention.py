@@ -31,17 +31,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from effarch.ops._common import (
+from effarch.op_contract import (
     check_dims,
     check_rank,
     check_segment_ids,
     describe,
-    log_once,
-    pad_time,
-    platform,
+    pad_to_multiple,
     reset_index,
-    resolve_implementation,
 )
+from effarch.ops._common import log_once, platform, resolve_implementation
 from effarch.typing import Array, Float, Int
 
 OP = "ops.attention"
@@ -283,7 +281,7 @@ def _blocks(x, size: int):
     """``[B, T, ...] -> [T/C, B, C, ...]``, zero-padding T to a multiple of C."""
     if x is None:
         return None
-    x = pad_time(x, size, axis=1)
+    x = pad_to_multiple(x, size, axis=1)
     x = x.reshape(x.shape[0], x.shape[1] // size, size, *x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 

@@ -29,16 +29,17 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from effarch.ops._common import (
+from effarch.op_contract import (
     MASKED_LOG,
+    ChunkSegments,
     check_dims,
     check_segment_ids,
+    chunk_segments,
     describe,
-    pad_time,
-    resolve_implementation,
+    pad_to_multiple,
     segment_starts,
-    segsum,
 )
+from effarch.ops._common import resolve_implementation, segsum
 from effarch.typing import Float, Keys, Queries, SegmentIds, State, Values, Array
 
 _DELTA_SUPPORTED = ("auto", "recurrent", "chunked")
@@ -332,7 +333,7 @@ def _delta_rule_recurrent(q, k, v, beta, log_decay, scale, initial_state, segmen
 # --------------------------------------------------------------------------
 
 
-def _to_chunks(arrays, segment_ids, chunk: int):
+def _to_chunks(arrays, segment_ids, chunk: int) -> tuple[tuple[jax.Array, ...], ChunkSegments]:
     """Pads time to a multiple of ``chunk`` and splits it into chunks.
 
     Args:
@@ -341,21 +342,16 @@ def _to_chunks(arrays, segment_ids, chunk: int):
       segment_ids: ``[B,T]`` or None.
       chunk: C.
     Returns:
-      The arrays as float32 ``[B,N,H,C,...]``, and ``resets [B,N,C]``: the
-      number of segment starts in the chunk up to each step. Steps i, j of a
-      chunk interact iff their ``resets`` agree; step i sees the state entering
-      the chunk iff ``resets[i] == 0``.
+      The arrays as float32 ``[B,N,H,C,...]``, and the chunks' segment flags.
     """
     batch, time = arrays[0].shape[:2]
     n_chunks = -(-time // chunk)
 
     def split(x):
-        x = pad_time(x.astype(jnp.float32), chunk)
+        x = pad_to_multiple(x.astype(jnp.float32), chunk, axis=1)
         return jnp.swapaxes(x.reshape(batch, n_chunks, chunk, *x.shape[2:]), 2, 3)
 
-    starts = pad_time(segment_starts(segment_ids, batch, time), chunk, value=False)
-    resets = jnp.cumsum(starts.reshape(batch, n_chunks, chunk), axis=-1)  # [B,N,C]
-    return tuple(map(split, arrays)), resets
+    return tuple(map(split, arrays)), chunk_segments(segment_ids, batch, time, chunk)
 
 
 def _from_chunks(o, time: int, out_dtype):
@@ -390,11 +386,11 @@ def _delta_rule_chunked(
     value_dim, out_dtype = v.shape[-1], v.dtype
     chunk = min(chunk_size, time)
     f32 = jnp.float32
-    (q, k, v, beta, log_decay), resets = _to_chunks(
+    (q, k, v, beta, log_decay), segments = _to_chunks(
         (q, k, v, beta, log_decay), segment_ids, chunk
-    )  # [B,N,H,C,K], [B,N,H,C,K], [B,N,H,C,V], [B,N,H,C], [B,N,H,C]; [B,N,C]
-    same_segment = (resets[..., :, None] == resets[..., None, :])[:, :, None]  # [B,N,1,C,C]
-    sees_entry = (resets == 0)[:, :, None]  # [B,N,1,C]: no reset since chunk start
+    )  # [B,N,H,C,K], [B,N,H,C,K], [B,N,H,C,V], [B,N,H,C], [B,N,H,C]
+    same_segment = segments.same_segment[:, :, None]  # [B,N,1,C,C]
+    sees_entry = segments.sees_entry[:, :, None]  # [B,N,1,C]: no reset since chunk start
 
     # Pair decays as sums of the log decays between the two steps, not as
     # differences G_i - G_j of one cumsum: the differences' gradients reach
@@ -470,12 +466,11 @@ def _generalized_chunked(
     value_dim, out_dtype = v.shape[-1], v.dtype
     chunk = min(chunk_size, time)
     f32 = jnp.float32
-    (q, k, v, a, b, log_decay), resets = _to_chunks(
+    (q, k, v, a, b, log_decay), segments = _to_chunks(
         (q, k, v, a, b, log_decay), segment_ids, chunk
-    )  # [B,N,H,C,K] each but v [B,N,H,C,V]; [B,N,C]
-    same_segment = resets[..., :, None] == resets[..., None, :]  # [B,N,C,C]
-    same_segment = same_segment[:, :, None, None]  # [B,N,1,1,C,C]: over H and K
-    sees_entry = (resets == 0)[:, :, None, :, None]  # [B,N,1,C,1]
+    )  # [B,N,H,C,K] each but v [B,N,H,C,V]
+    same_segment = segments.same_segment[:, :, None, None]  # [B,N,1,1,C,C]: over H and K
+    sees_entry = segments.sees_entry[:, :, None, :, None]  # [B,N,1,C,1]
 
     pair_sums = segsum(jnp.swapaxes(log_decay, -1, -2))  # [B,N,H,K,C,C]
     # G_i - G_j for j <= i, and G_{i-1} - G_j for j < i (the row above), both as

@@ -24,8 +24,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effarch.op_contract import (
+    MASKED_LOG,
+    check_linear_attention_inputs,
+    chunk_segments,
+    pad_to_multiple,
+    reset_index,
+    segment_starts,
+)
 from effarch.ops import _common
 from effarch.typing import LogDecay, Queries, SegmentIds, State, Values
+from pallas_kernels import chunked_linear_attention as kernel
 
 OP = "linear_attention"
 SUPPORTED = ("auto", "recurrent", "quadratic", "chunked", "pallas")
@@ -72,15 +81,14 @@ def linear_attention(
     Raises:
       ValueError: shapes that fit no form, naming the arrays and their shapes.
     """
-    log_decay = _check_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size)
+    log_decay = check_linear_attention_inputs(q, k, v, log_decay, initial_state, segment_ids,
+                                              chunk_size)
     impl = _common.resolve_implementation(
         OP, implementation, SUPPORTED, _common.auto_chunked_until_kernel_verified(OP))
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if impl == "pallas":
-        from pallas_kernels.chunked_linear_attention import ops as kernel_ops
-
-        o, state = kernel_ops.chunked_linear_attention(
+        o, state = kernel.chunked_linear_attention(
             q, k, v, log_decay, scale=scale, initial_state=initial_state,
             return_final_state=return_final_state, segment_ids=segment_ids,
             chunk_size=chunk_size)
@@ -90,32 +98,6 @@ def linear_attention(
     o, state = form(q, k, v, log_decay, scale=scale, initial_state=initial_state,
                     segment_ids=segment_ids, **kwargs)
     return o.astype(v.dtype), (state if return_final_state else None)
-
-
-def _check_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size):
-    """Validates shapes; returns log_decay as None, [B,T,H] or [B,T,H,K] float32."""
-    dims: dict[str, int] = {}
-    _common.check_dims(OP, dims, q=(q, "BTHK"), k=(k, "BTHK"), v=(v, "BTHV"),
-                       initial_state=(initial_state, "BHKV"))
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{OP}: {_common.describe(name, x)}; expected a floating dtype.")
-    b, t, h, kd = q.shape
-    _common.check_segment_ids(segment_ids, b, t)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{OP}: chunk_size={chunk_size!r}; expected a positive int.")
-    if log_decay is None:
-        return None
-    forms = {(h,): "[H]", (b, t, h): "[B,T,H]", (b, t, h, kd): "[B,T,H,K]"}
-    if tuple(log_decay.shape) not in forms:
-        raise ValueError(
-            f"{OP}: {_common.describe('log_decay', log_decay)} fits no decay form; "
-            f"expected None, [H]=({h},), [B,T,H]=({b}, {t}, {h}) or "
-            f"[B,T,H,K]=({b}, {t}, {h}, {kd}) for q {tuple(q.shape)}.")
-    log_decay = log_decay.astype(jnp.float32)
-    if log_decay.ndim == 1:
-        log_decay = jnp.broadcast_to(log_decay, (b, t, h))
-    return log_decay
 
 
 def _f32(*xs):
@@ -141,7 +123,7 @@ def recurrent(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None
     vd = v.shape[-1]
     state = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None
              else initial_state.astype(jnp.float32))
-    keep = 1.0 - _common.segment_starts(segment_ids, b, t).astype(jnp.float32)  # [B,T]
+    keep = 1.0 - segment_starts(segment_ids, b, t).astype(jnp.float32)  # [B,T]
     time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
 
     def step(state, inputs):
@@ -165,30 +147,30 @@ def quadratic(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None
     """
     q, k, v = _f32(q, k, v)
     b, t, h, kd = q.shape
-    r = _common.reset_index(segment_ids, b, t)  # [B,T]
+    r = reset_index(segment_ids, b, t)  # [B,T]
     visible = (r[:, :, None] == r[:, None, :]) & jnp.tril(jnp.ones((t, t), bool))  # [B,T,T]
     from_start = r == 0  # [B,T]: steps the initial state reaches
     if log_decay is None:
         scores = jnp.einsum("bthk,bshk->bhts", q, k) * visible[:, None]  # [B,H,T,T]
-        decay_from_start = jnp.where(from_start[:, None, :, None], 0.0, _common.MASKED_LOG)
-        decay_to_end = jnp.where(visible[:, None, -1, :, None], 0.0, _common.MASKED_LOG)
+        decay_from_start = jnp.where(from_start[:, None, :, None], 0.0, MASKED_LOG)
+        decay_to_end = jnp.where(visible[:, None, -1, :, None], 0.0, MASKED_LOG)
     elif log_decay.ndim == 3:
         g = jnp.moveaxis(log_decay, 1, 2)  # [B,H,T]
         seg = _common.segsum(g)  # [B,H,T,T]
-        weights = jnp.exp(jnp.where(visible[:, None], seg, _common.MASKED_LOG))
+        weights = jnp.exp(jnp.where(visible[:, None], seg, MASKED_LOG))
         scores = jnp.einsum("bthk,bshk->bhts", q, k) * weights
         cum = jnp.cumsum(g, axis=-1)  # [B,H,T] log decay from step 0 through t
-        decay_from_start = jnp.where(from_start[:, None], cum, _common.MASKED_LOG)[..., None]
-        decay_to_end = jnp.where(visible[:, None, -1], seg[:, :, -1], _common.MASKED_LOG)[..., None]
+        decay_from_start = jnp.where(from_start[:, None], cum, MASKED_LOG)[..., None]
+        decay_to_end = jnp.where(visible[:, None, -1], seg[:, :, -1], MASKED_LOG)[..., None]
     else:
         g = jnp.moveaxis(log_decay, 1, 3)  # [B,H,K,T]
         seg = _common.segsum(g)  # [B,H,K,T,T]
-        weights = jnp.exp(jnp.where(visible[:, None, None], seg, _common.MASKED_LOG))
+        weights = jnp.exp(jnp.where(visible[:, None, None], seg, MASKED_LOG))
         scores = jnp.einsum("bthk,bshk,bhkts->bhts", q, k, weights)
         cum = jnp.cumsum(g, axis=-1)  # [B,H,K,T]
-        decay_from_start = jnp.where(from_start[:, None, None], cum, _common.MASKED_LOG)
+        decay_from_start = jnp.where(from_start[:, None, None], cum, MASKED_LOG)
         decay_from_start = jnp.swapaxes(decay_from_start, -1, -2)  # [B,H,T,K]
-        decay_to_end = jnp.where(visible[:, None, None, -1], seg[..., -1, :], _common.MASKED_LOG)
+        decay_to_end = jnp.where(visible[:, None, None, -1], seg[..., -1, :], MASKED_LOG)
         decay_to_end = jnp.swapaxes(decay_to_end, -1, -2)  # [B,H,T,K]
     o = scale * jnp.einsum("bhts,bshv->bthv", scores, v)
     # decay_to_end[b,h,s(,k)]: log decay from step s to the last step, if visible.
@@ -215,20 +197,16 @@ def chunked(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, 
     vd = v.shape[-1]
     c = min(chunk_size, t)
     n = -(-t // c)  # number of chunks
-    if segment_ids is None:
-        segment_ids = jnp.zeros((b, t), jnp.int32)
-    pad = lambda x: _common.pad_time(x, c)
+    pad = lambda x: pad_to_multiple(x, c, axis=1)
     to_chunks = lambda x: x.reshape(b, n, c, *x.shape[2:])
     qc, kc, vc = (to_chunks(pad(x)) for x in (q, k, v))  # [B,N,C,H,K|V]
-    r = to_chunks(_common.reset_index(_common.pad_segment_ids(segment_ids, c), b, n * c))  # [B,N,C]
-    r_prev = jnp.concatenate([jnp.zeros((b, 1), r.dtype), r[:, :-1, -1]], axis=1)  # [B,N]
-    r_end = r[:, :, -1]  # [B,N]
-    same = (r[:, :, :, None] == r[:, :, None, :]) & jnp.tril(jnp.ones((c, c), bool))  # [B,N,C,C]
-    reach_q = (r == r_prev[..., None])[..., None, None]  # [B,N,C,1,1]: entering state reaches t
-    reach_k = (r == r_end[..., None])[..., None, None]  # [B,N,C,1,1]: s reaches the chunk end
-    carry = (r_end == r_prev)[..., None, None]  # [B,N,1,1]: entering state reaches the end
+    segments = chunk_segments(segment_ids, b, t, c)
+    same = segments.same_segment & jnp.tril(jnp.ones((c, c), bool))  # [B,N,C,C]
+    reach_q = segments.sees_entry[..., None, None]  # [B,N,C,1,1]: entering state reaches t
+    reach_k = segments.reaches_exit[..., None, None]  # [B,N,C,1,1]: s reaches the chunk end
+    carry = segments.carries[..., None, None]  # [B,N,1,1]: entering state reaches the end
 
-    masked = lambda cond, x: jnp.where(cond, x, _common.MASKED_LOG)
+    masked = lambda cond, x: jnp.where(cond, x, MASKED_LOG)
     if log_decay is None:
         scores = jnp.einsum("bnthk,bnshk->bnhts", qc, kc) * same[:, :, None]
         cum = jnp.zeros((b, n, c, h, 1), jnp.float32)
@@ -293,7 +271,7 @@ def _intra_per_channel(qc, kc, g, cum, same):
             elif i == j:  # the full decay tensor inside one sub-chunk
                 seg = _common.segsum(jnp.moveaxis(split(g, j), 2, -1))  # [B,N,H,K,c,c]
                 weights = jnp.exp(jnp.where(jnp.tril(jnp.ones((sub, sub), bool)), seg,
-                                            _common.MASKED_LOG))
+                                            MASKED_LOG))
                 row.append(jnp.einsum("bnthk,bnshk,bnhkts->bnhts", split(qc, j), split(kc, i),
                                       weights))
             else:  # factored at the end of sub-chunk i: both exponents <= 0

@@ -16,22 +16,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effarch.op_contract import check_linear_scan_inputs, segment_starts
 from effarch.ops import _common
+from pallas_kernels import linear_scan as kernel
 
 OP = "linear_scan"
 SUPPORTED = ("auto", "recurrent", "chunked", "pallas")
-
-
-def check_inputs(x, a, initial_state, segment_ids) -> dict[str, int]:
-    """Checks every shape (and segment_ids' dtype); returns the axis sizes.
-
-    Raises:
-      ValueError: naming the arrays, their shapes and the expected form.
-    """
-    dims: dict[str, int] = {}
-    _common.check_dims(OP, dims, x=(x, "BTD"), a=(a, "BTD"), initial_state=(initial_state, "BD"))
-    _common.check_segment_ids(segment_ids, dims["B"], dims["T"])
-    return dims
 
 
 def resolve(implementation: str) -> str:
@@ -68,13 +58,11 @@ def linear_scan(
     Raises:
       ValueError: bad shapes, non-integer segment_ids or an unknown implementation.
     """
-    check_inputs(x, a, initial_state, segment_ids)
+    check_linear_scan_inputs(x, a, initial_state, segment_ids)
     implementation = resolve(implementation)
     kwargs = dict(initial_state=initial_state, segment_ids=segment_ids)
     if implementation == "pallas":
-        from pallas_kernels.linear_scan import ops as kernel_ops
-
-        h, h_final = kernel_ops.linear_scan(x, a, **kwargs)
+        h, h_final = kernel.linear_scan(x, a, **kwargs)
     elif implementation == "recurrent":
         h, h_final = linear_scan_recurrent(x, a, **kwargs)
     else:
@@ -85,7 +73,7 @@ def linear_scan(
 def _prepare(x, a, initial_state, segment_ids):
     """Float32 inputs with the decay zeroed where a segment starts."""
     batch, time, channels = x.shape
-    reset = _common.segment_starts(segment_ids, batch, time)  # [B,T]
+    reset = segment_starts(segment_ids, batch, time)  # [B,T]
     a = jnp.where(reset[..., None], 0.0, a.astype(jnp.float32))
     if initial_state is None:
         h0 = jnp.zeros((batch, channels), jnp.float32)

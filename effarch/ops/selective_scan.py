@@ -28,41 +28,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effarch.op_contract import check_selective_scan_inputs, pad_to_multiple, segment_starts
 from effarch.ops import _common
+from pallas_kernels import selective_scan as kernel
 
 OP = "selective_scan"
 SUPPORTED = ("auto", "recurrent", "chunked", "pallas")
 CHUNK_SIZE = 64
-
-
-def check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids) -> dict[str, int]:
-    """Checks every shape (and segment_ids' dtype); returns the axis sizes.
-
-    Raises:
-      ValueError: naming the arrays, their shapes and the expected form.
-    """
-    dims: dict[str, int] = {}
-    _common.check_dims(
-        OP,
-        dims,
-        x=(x, "BTD"),
-        dt=(dt, "BTD"),
-        A=(A, "DN"),
-        B=(B, "BTGN"),
-        C=(C, "BTGN"),
-        D=(D, "D"),
-        z=(z, "BTD"),
-        dt_bias=(dt_bias, "D"),
-        initial_state=(initial_state, "BDN"),
-    )
-    if dims["D"] % dims["G"]:
-        raise ValueError(
-            f"{OP}: the number of groups G={dims['G']} (axis 2 of B {tuple(B.shape)} and "
-            f"C {tuple(C.shape)}) must divide the channels D={dims['D']} of x "
-            f"{tuple(x.shape)}."
-        )
-    _common.check_segment_ids(segment_ids, dims["B"], dims["T"])
-    return dims
 
 
 def resolve(implementation: str) -> str:
@@ -115,7 +87,7 @@ def selective_scan(
       ValueError: bad shapes, G not dividing D, non-integer segment_ids or an
         unknown implementation.
     """
-    check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
+    check_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
     implementation = resolve(implementation)
     kwargs = dict(
         dt_bias=dt_bias,
@@ -124,9 +96,7 @@ def selective_scan(
         segment_ids=segment_ids,
     )
     if implementation == "pallas":
-        from pallas_kernels.selective_scan import ops as kernel_ops
-
-        y, h = kernel_ops.selective_scan(x, dt, A, B, C, D, z, **kwargs)
+        y, h = kernel.selective_scan(x, dt, A, B, C, D, z, **kwargs)
     elif implementation == "recurrent":
         y, h = selective_scan_recurrent(x, dt, A, B, C, D, z, **kwargs)
     else:
@@ -175,7 +145,7 @@ def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, initial_state, segment_ids):
     xg = _by_group(x, groups)  # [B,T,G,P]
     Ag = A.astype(jnp.float32).reshape(groups, channels // groups, state)  # [G,P,N]
     Bf, Cf = B.astype(jnp.float32), C.astype(jnp.float32)  # [B,T,G,N]
-    reset = _common.segment_starts(segment_ids, batch, time)  # [B,T]
+    reset = segment_starts(segment_ids, batch, time)  # [B,T]
     if initial_state is None:
         h0 = jnp.zeros((batch, groups, channels // groups, state), jnp.float32)
     else:
@@ -235,7 +205,7 @@ def selective_scan_chunked(
     delta, xg, Ag, Bf, Cf, reset, h0 = _prepare(
         x, dt, A, B, C, dt_bias, dt_softplus, initial_state, segment_ids
     )
-    padded = [_common.pad_time(v, chunk) for v in (delta, xg, Bf, Cf, reset)]
+    padded = [pad_to_multiple(v, chunk, axis=1) for v in (delta, xg, Bf, Cf, reset)]
     n_chunks = padded[0].shape[1] // chunk
 
     def by_chunk(v):  # [B, nC*C, ...] -> [nC, B, C, ...]

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from effarch.ops._common import MASKED_LOG  # exp(MASKED_LOG) == 0: masks go in exponents
+from effarch.op_contract import MASKED_LOG  # exp(MASKED_LOG) == 0: masks go in exponents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,8 @@ class Refs:
       g: ``[T,Kg]`` in-chunk cumulative log decay, or None (no decay).
       g_row: ``[N,C]`` the same in row form (scalar decay only).
       tot: ``[N*Kg,1]`` log carry factor per chunk (None: no decay, no segments).
-      r, r_row: reset index ``[T,1]`` and ``[N,C]`` (segments only).
+      r, r_row: segment starts since the chunk start ``[T,1]`` and ``[N,C]``
+        (segments only): two steps of a chunk share a segment iff they agree.
       seg_in, seg_out: ``[T,1]`` int32 flags (segments only).
     """
 

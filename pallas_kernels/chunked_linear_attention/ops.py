@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effarch.ops import _common
+from effarch.op_contract import MASKED_LOG, chunk_segments, pad_to_multiple
 from pallas_kernels import _platform
 from pallas_kernels.chunked_linear_attention import gpu, tpu
 
@@ -74,7 +74,9 @@ class Prepared:
       g_row: ``[B,H,N,C]`` the same, chunk-major (scalar decay only).
       tot: ``[B,H,N,Kg]`` log factor carrying a chunk's entering state to its
         end (``-inf`` where the chunk holds a segment start); None when 1.
-      r: ``[B,Tp]`` reset index (segments only, else None).
+      r: ``[B,Tp]`` segment starts since the chunk start, up to each step
+        (segments only, else None): two steps of a chunk share a segment iff
+        their ``r`` agree.
       seg_in, seg_out: ``[B,Tp]`` int32 flags: the step sees the state entering
         its chunk / reaches the state leaving it (segments only).
     """
@@ -156,32 +158,27 @@ def _config(target, blocks: BlockSizes, chunk_size: int, kd: int, vd: int, scale
                    k_pad=k_pad, v_pad=v_pad)
 
 
-def _pad_last(x, size: int):
-    if x is None or x.shape[-1] == size:
-        return x
-    widths = [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])]
-    return jnp.pad(x, widths)
-
-
 def _pad_state(s, cfg: _Config):
+    """``[B,H,K,V]`` -> float32 ``[B,H,Kp,Vp]`` (None passes through)."""
     if s is None:
         return None
-    s = _pad_last(s.astype(jnp.float32), cfg.v_pad)
-    return jnp.pad(s, ((0, 0), (0, 0), (0, cfg.k_pad - s.shape[2]), (0, 0)))
+    return pad_to_multiple(pad_to_multiple(s.astype(jnp.float32), cfg.k_pad, axis=2),
+                           cfg.v_pad, axis=3)
 
 
 def _prepare(cfg: _Config, q, k, v, log_decay, segment_ids) -> Prepared:
     """Pads to whole chunks and lane/tile sizes; precomputes decays and segment flags."""
     b, t, h, _ = q.shape
     c = cfg.chunk
-    q, k = (_pad_last(_common.pad_time(x, c), cfg.k_pad) for x in (q, k))
-    v = _pad_last(_common.pad_time(v, c), cfg.v_pad)
+    pad = lambda x, last: pad_to_multiple(pad_to_multiple(x, c, axis=1), last, axis=3)  # noqa: E731
+    q, k = (pad(x, cfg.k_pad) for x in (q, k))
+    v = pad(v, cfg.v_pad)
     tp = q.shape[1]
     n = tp // c
     g = g_row = tot = r = seg_in = seg_out = None
     if log_decay is not None:
         ld = log_decay if log_decay.ndim == 4 else log_decay[..., None]  # [B,T,H,Kg]
-        ld = _pad_last(_common.pad_time(ld.astype(jnp.float32), c), cfg.k_pad if ld.shape[-1] > 1 else 1)
+        ld = pad(ld.astype(jnp.float32), cfg.k_pad if ld.shape[-1] > 1 else 1)
         kg = ld.shape[-1]
         ld = jnp.transpose(ld, (0, 2, 1, 3)).reshape(b, h, n, c, kg)
         g5 = jnp.cumsum(ld, axis=3)  # [B,H,N,C,Kg]
@@ -190,14 +187,12 @@ def _prepare(cfg: _Config, q, k, v, log_decay, segment_ids) -> Prepared:
             g_row = g5[..., 0]
         tot = g5[:, :, :, -1, :]  # [B,H,N,Kg]
     if segment_ids is not None:
-        ids = _common.pad_segment_ids(segment_ids, c)
-        r = _common.reset_index(ids, b, tp)  # [B,Tp]
-        rc = r.reshape(b, n, c)
-        r_before = jnp.concatenate([jnp.zeros((b, 1), r.dtype), rc[:, :-1, -1]], 1)  # [B,N]
-        seg_in = (rc == r_before[:, :, None]).reshape(b, tp).astype(jnp.int32)
-        seg_out = (rc == rc[:, :, -1:]).reshape(b, tp).astype(jnp.int32)
-        no_reset = (rc[:, :, -1] == r_before)[:, None, :, None]  # [B,1,N,1]
-        tot = jnp.where(no_reset, 0.0 if tot is None else tot, _common.MASKED_LOG)
+        segments = chunk_segments(segment_ids, b, t, c)  # [B,N,C] flags
+        r = segments.resets.reshape(b, tp)
+        seg_in = segments.sees_entry.reshape(b, tp).astype(jnp.int32)
+        seg_out = segments.reaches_exit.reshape(b, tp).astype(jnp.int32)
+        carries = segments.carries[:, None, :, None]  # [B,1,N,1]
+        tot = jnp.where(carries, 0.0 if tot is None else tot, MASKED_LOG)
         tot = jnp.broadcast_to(tot, (b, h, n, tot.shape[-1]))
     return Prepared(q=q, k=k, v=v, g=g, g_row=g_row, tot=tot, r=r, seg_in=seg_in,
                     seg_out=seg_out)
@@ -226,7 +221,8 @@ def _backward(cfg: _Config, residuals, cotangents):
     b, t, h, kd = q.shape
     vd = v.shape[-1]
     p = _prepare(cfg, q, k, v, log_decay, segment_ids)
-    do = _pad_last(_common.pad_time(do, cfg.chunk), cfg.v_pad).astype(v.dtype)
+    do = pad_to_multiple(pad_to_multiple(do, cfg.chunk, axis=1), cfg.v_pad, axis=3)
+    do = do.astype(v.dtype)
     grads = _BACKENDS[cfg.backend].backward(
         p, do, states, _pad_state(dfinal, cfg), scale=cfg.scale, chunk=cfg.chunk,
         sub_chunk=cfg.sub_chunk, block_v=cfg.block_v, interpret=cfg.interpret)

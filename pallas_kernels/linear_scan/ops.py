@@ -15,8 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effarch.ops import _common
-from effarch.ops.linear_scan import check_inputs
+from effarch.op_contract import check_linear_scan_inputs, pad_to_multiple, segment_starts
 from pallas_kernels import _platform
 from pallas_kernels.linear_scan import gpu, tpu
 
@@ -95,12 +94,12 @@ def linear_scan(
       ``(h [B,T,D] in x's dtype, h_final [B,D] float32)``.
     """
     batch, time, channels = x.shape
-    check_inputs(x, a, initial_state, segment_ids)
+    check_linear_scan_inputs(x, a, initial_state, segment_ids)
     config = _Config(
         target=_platform.resolve_target(backend, interpret),
         block_sizes=block_sizes or BlockSizes(),
     )
-    reset = _common.segment_starts(segment_ids, batch, time)  # [B,T]
+    reset = segment_starts(segment_ids, batch, time)  # [B,T]
     a = jnp.where(reset[..., None], jnp.zeros((), a.dtype), a)
     if initial_state is None:
         h0 = jnp.zeros((batch, channels), jnp.float32)
@@ -111,7 +110,7 @@ def linear_scan(
     else:
         block_d, chunk = tpu.LANES, config.block_sizes.chunk
     # Padded steps have x = 0, a = 1: the state passes through unchanged.
-    x_p = _common.pad_time(_common.pad_time(x, block_d, axis=2), chunk)
-    a_p = _common.pad_time(_common.pad_time(a, block_d, axis=2), chunk, value=1)
-    h, final = _scan(config, x_p, a_p, _common.pad_time(h0, block_d))
+    x_p = pad_to_multiple(pad_to_multiple(x, block_d, axis=2), chunk, axis=1)
+    a_p = pad_to_multiple(pad_to_multiple(a, block_d, axis=2), chunk, axis=1, value=1)
+    h, final = _scan(config, x_p, a_p, pad_to_multiple(h0, block_d, axis=1))
     return h[:, :time, :channels], final[:, :channels]

@@ -1,6 +1,9 @@
 """The truth the linear-scan kernels are tested against, and example inputs.
 
-The reference is the float32 recurrent form of ``effarch.ops.linear_scan``.
+``h_t = a_t * h_{t-1} + x_t`` per channel, one time step at a time in float32,
+the state restarting from zero where ``segment_ids`` changes: the plainest
+form of the recurrence, written on its own (it shares no code with the
+kernels or with ``effarch.ops``).
 """
 
 from __future__ import annotations
@@ -8,16 +11,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from effarch.ops.linear_scan import linear_scan_recurrent
+from effarch.op_contract import segment_starts
 
 
 def linear_scan_reference(x, a, *, initial_state=None, segment_ids=None):
-    """Float32 ``h_t = a_t * h_{t-1} + x_t``; returns ``(h [B,T,D] float32, h_final [B,D])``."""
-    h0 = None if initial_state is None else initial_state.astype(jnp.float32)
-    return linear_scan_recurrent(
-        x.astype(jnp.float32), a.astype(jnp.float32), initial_state=h0,
-        segment_ids=segment_ids,
-    )
+    """Float32 ``h_t = a_t * h_{t-1} + x_t``.
+
+    Args:
+      x, a: ``[B,T,D]``.
+      initial_state: optional ``[B,D]`` state before step 0 (feeds only the
+        first segment).
+      segment_ids: optional ``[B,T]`` int; the state restarts from zero where
+        the id changes.
+
+    Returns:
+      ``(h [B,T,D], h_final [B,D])``, both float32.
+    """
+    f32 = jnp.float32
+    batch, time, channels = x.shape
+    h = jnp.zeros((batch, channels), f32) if initial_state is None else initial_state.astype(f32)
+    keep = ~segment_starts(segment_ids, batch, time)  # [B,T]: False where the state restarts
+
+    def step(h, inputs):  # h [B,D]
+        x_t, a_t, keep_t = inputs  # [B,D], [B,D], [B]
+        h = jnp.where(keep_t[:, None], a_t * h, 0.0) + x_t
+        return h, h
+
+    time_major = [jnp.swapaxes(v, 0, 1) for v in (x.astype(f32), a.astype(f32), keep)]
+    h_final, h = jax.lax.scan(step, h, time_major)
+    return jnp.swapaxes(h, 0, 1), h_final
 
 
 def random_inputs(

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.selective_scan import reference as ref
+from pallas_kernels.selective_scan import _step
 
 N_AXIS = 1  # state tiles are [block_d, N]; channel vectors [block_d, 1]
 
@@ -89,9 +89,9 @@ def _forward_kernel(*refs, gated: bool, dt_softplus: bool, chunk: int):
 
     def step(t, h):
         s = _step_inputs(t, x_ref, dt_ref, z_ref, B_ref, C_ref, keep_ref, onehot_ref)
-        delta, _ = ref.step_size(s["dt"], bias, dt_softplus)
-        h, y = ref.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
-        y_ref[t, :] = ref.gated_output(y, s["x"], D, s["z"])[:, 0].astype(y_ref.dtype)
+        delta, _ = _step.step_size(s["dt"], bias, dt_softplus)
+        h, y = _step.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
+        y_ref[t, :] = _step.gated_output(y, s["x"], D, s["z"])[:, 0].astype(y_ref.dtype)
         return h
 
     def chunk_body(c, h):
@@ -127,8 +127,8 @@ def _backward_kernel(*refs, gated: bool, dt_softplus: bool, chunk: int):
 
         def recompute(t, h):
             s = load(t)
-            delta, _ = ref.step_size(s["dt"], bias, dt_softplus)
-            h, _ = ref.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
+            delta, _ = _step.step_size(s["dt"], bias, dt_softplus)
+            h, _ = _step.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
             states_ref[t - start] = h
             return h
 
@@ -139,7 +139,7 @@ def _backward_kernel(*refs, gated: bool, dt_softplus: bool, chunk: int):
             t = stop - 1 - j
             s = load(t)
             h_prev = jnp.where(t > start, states_ref[jnp.maximum(t - start - 1, 0)], h_start)
-            g, grads = ref.adjoint_step(
+            g, grads = _step.adjoint_step(
                 g, states_ref[t - start], h_prev, s["x"], s["dt"], bias, s["keep"], A,
                 s["B"], s["C"], D, s["z"], _column(dy_ref, t),
                 dt_softplus=dt_softplus, n_axis=N_AXIS,

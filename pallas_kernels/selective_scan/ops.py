@@ -16,8 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effarch.ops import _common
-from effarch.ops.selective_scan import check_inputs
+from effarch.op_contract import check_selective_scan_inputs, pad_to_multiple, segment_starts
 from pallas_kernels import _platform
 from pallas_kernels.selective_scan import gpu, tpu
 
@@ -109,24 +108,25 @@ def selective_scan(
     Returns:
       ``(y [B,T,D] in x's dtype, h_final [B,D,N] float32)``.
     """
-    dims = check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
+    dims = check_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state,
+                                       segment_ids)
     batch, time, channels, state, groups = (dims[k] for k in "BTDNG")
     config = _Config(
         target=_platform.resolve_target(backend, interpret),
         block_sizes=block_sizes or BlockSizes(),
         dt_softplus=dt_softplus,
     )
-    keep = 1.0 - _common.segment_starts(segment_ids, batch, time).astype(jnp.float32)
+    keep = 1.0 - segment_starts(segment_ids, batch, time).astype(jnp.float32)
     group = jnp.arange(channels) // (channels // groups)
     onehot = (group[:, None] == jnp.arange(groups)).astype(jnp.float32)  # [D,G]
     A, dt_bias, D = _float32(A, A.shape), _float32(dt_bias, (channels,)), _float32(D, (channels,))
     initial_state = _float32(initial_state, (batch, channels, state))
     # Padded channels have x = 0, A = 0 and no group: their state stays zero.
-    pad_d = functools.partial(_common.pad_time, multiple=config.block_d)
+    pad_d = functools.partial(pad_to_multiple, multiple=config.block_d)
     # Triton tiles want power-of-2 sides: the GPU kernel gets N padded with
     # B = C = 0 and A = 0, so padded state entries stay zero and reach no output.
     state_p = 1 << (state - 1).bit_length() if config.target.backend == "gpu" else state
-    pad_n = functools.partial(_common.pad_time, multiple=state_p, axis=-1)
+    pad_n = functools.partial(pad_to_multiple, multiple=state_p, axis=-1)
     y, final = _scan(
         config, pad_d(x, axis=2), pad_d(dt, axis=2), pad_d(z, axis=2),
         pad_n(pad_d(A, axis=0)), pad_d(dt_bias, axis=0), pad_d(D, axis=0), pad_n(B), pad_n(C),

@@ -1,7 +1,16 @@
-"""Selective-scan truth for the kernels, their shared step math, example inputs.
+"""The truth the selective-scan kernels are tested against, and example inputs.
 
-The reference is the float32 recurrent form of ``effarch.ops.selective_scan``
-(one ``lax.scan`` step per time step), whatever the dtype of the inputs.
+Mamba-1's selective scan (Gu & Dao 2023, Algorithm 2) one time step at a time
+in float32, whatever the dtype of the inputs: the plainest form of the
+recurrence, written on its own (it shares no code with the kernels or with
+``effarch.ops``)::
+
+    delta_t = softplus(dt_t + dt_bias)                      # [B,T,D]
+    h_t     = exp(delta_t A) * h_{t-1} + delta_t B_t x_t    # [B,D,N]
+    y_t     = (C_t . h_t + D x_t) * silu(z_t)
+
+Channel d reads the B and C rows of group ``d // (D // G)``; the state
+restarts from zero where ``segment_ids`` changes.
 """
 
 from __future__ import annotations
@@ -9,20 +18,50 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from effarch.ops.selective_scan import selective_scan_recurrent
+from effarch.op_contract import segment_starts
 
 
 def selective_scan_reference(
     x, dt, A, B, C, D=None, z=None, *, dt_bias=None, dt_softplus=True,
     initial_state=None, segment_ids=None,
 ):
-    """Float32 recurrent selective scan; returns ``(y [B,T,D] float32, h [B,D,N])``."""
-    f32 = lambda v: None if v is None else v.astype(jnp.float32)  # noqa: E731
-    return selective_scan_recurrent(
-        f32(x), f32(dt), f32(A), f32(B), f32(C), f32(D), f32(z),
-        dt_bias=f32(dt_bias), dt_softplus=dt_softplus,
-        initial_state=f32(initial_state), segment_ids=segment_ids,
-    )
+    """Float32 Mamba-1 selective scan.
+
+    Args:
+      x, dt: ``[B,T,D]``; A: ``[D,N]``; B, C: ``[B,T,G,N]``, G divides D.
+      D: optional ``[D]`` skip; z: optional ``[B,T,D]`` gate.
+      dt_bias: optional ``[D]``; dt_softplus: apply softplus to ``dt + dt_bias``.
+      initial_state: optional ``[B,D,N]`` (feeds only the first segment).
+      segment_ids: optional ``[B,T]`` int.
+
+    Returns:
+      ``(y [B,T,D], h_final [B,D,N])``, both float32.
+    """
+    f32 = jnp.float32
+    batch, time, channels = x.shape
+    groups, state = B.shape[2], A.shape[1]
+    x = x.astype(f32)
+    delta = dt.astype(f32) if dt_bias is None else dt.astype(f32) + dt_bias.astype(f32)
+    delta = jax.nn.softplus(delta) if dt_softplus else delta  # [B,T,D]
+    by_channel = lambda rows: jnp.repeat(rows.astype(f32), channels // groups, axis=2)  # noqa: E731
+    keep = ~segment_starts(segment_ids, batch, time)  # [B,T]: False where the state restarts
+    h = (jnp.zeros((batch, channels, state), f32) if initial_state is None
+         else initial_state.astype(f32))
+
+    def step(h, inputs):  # h [B,D,N]
+        x_t, delta_t, B_t, C_t, keep_t = inputs  # [B,D], [B,D], [B,D,N], [B,D,N], [B]
+        decay = jnp.exp(delta_t[..., None] * A.astype(f32))  # [B,D,N]
+        h = jnp.where(keep_t[:, None, None], decay * h, 0.0) + (delta_t * x_t)[..., None] * B_t
+        return h, jnp.sum(C_t * h, axis=-1)  # [B,D]
+
+    time_major = [jnp.swapaxes(v, 0, 1) for v in (x, delta, by_channel(B), by_channel(C), keep)]
+    h_final, y = jax.lax.scan(step, h, time_major)
+    y = jnp.swapaxes(y, 0, 1)  # [B,T,D]
+    if D is not None:
+        y = y + D.astype(f32) * x
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(f32))
+    return y, h_final
 
 
 def random_inputs(
@@ -50,80 +89,3 @@ def random_inputs(
         initial_state=jax.random.normal(k[8], (batch, channels, state)),
     )
     return {n: v if n == "A" else v.astype(dtype) for n, v in inputs.items()}
-
-
-# One step of the recurrence and of its adjoint, written once for both kernels.
-# They work on tiles in either layout: a state tile holds [channels, N] (GPU,
-# ``n_axis=1``) or [N, channels] (TPU, ``n_axis=0``); channel vectors (x, delta,
-# ...) are kept 2-D with size 1 on the N axis, so they broadcast against it.
-
-SOFTPLUS_LINEAR = 20.0  # softplus(v) == v to float32 precision above this
-
-
-def step_size(dt, dt_bias, dt_softplus: bool):
-    """``(delta, d delta / d dt)`` for float32 dt and dt_bias of one step."""
-    v = dt + dt_bias
-    if not dt_softplus:
-        return v, jnp.ones_like(v)
-    exp_v = jnp.exp(jnp.minimum(v, SOFTPLUS_LINEAR))
-    delta = jnp.where(v > SOFTPLUS_LINEAR, v, jnp.log1p(exp_v))
-    return delta, exp_v / (1.0 + exp_v)  # sigmoid(v)
-
-
-def scan_step(h, x, delta, keep, A, B, C, *, n_axis: int):
-    """``h_t = keep * exp(delta A) h_{t-1} + delta x B``; returns ``(h_t, C . h_t)``.
-
-    keep is 0 where a segment starts (the state restarts from zero), else 1.
-    """
-    a = jnp.exp(delta * A) * keep
-    h = a * h + (delta * x) * B
-    return h, jnp.sum(C * h, axis=n_axis, keepdims=True)
-
-
-def gated_output(y_ssm, x, D, z):
-    """``(y_ssm + D x) * silu(z)`` (no gate when z is None)."""
-    y = y_ssm + D * x
-    return y if z is None else y * (z * jax.nn.sigmoid(z))
-
-
-def adjoint_step(g, h, h_prev, x, dt, dt_bias, keep, A, B, C, D, z, dy, *,
-                 dt_softplus: bool, n_axis: int):
-    """Reverse-time step: from ``g = dL/dh_t`` (future terms only) to ``dL/dh_{t-1}``.
-
-    With ``a = keep exp(delta A)``, ``h_t = a h_{t-1} + delta x B``,
-    ``y = (C . h_t + D x) silu(z)``:
-
-        g      += C dy_ssm                      (dy_ssm = dy silu(z))
-        dx      = D dy_ssm + delta sum_n(g B)
-        ddelta  = x sum_n(g B) + sum_n(g h_{t-1} a A)
-        dA      = g h_{t-1} a delta, dB = g delta x, dC = dy_ssm h_t  (per channel)
-        g_prev  = a g
-
-    Returns:
-      ``(g_prev, dict)`` with dx, ddt, dz (channel vectors; dz None without a
-      gate), dD (channel vector), and the per-channel tiles dA, dB, dC that
-      the kernel sums over batch, time or group members.
-    """
-    delta, ddelta_ddt = step_size(dt, dt_bias, dt_softplus)
-    a = jnp.exp(delta * A) * keep
-    y_ssm = jnp.sum(C * h, axis=n_axis, keepdims=True)
-    if z is None:
-        dy_ssm, dz = dy, None
-    else:
-        sig = jax.nn.sigmoid(z)
-        dy_ssm = dy * z * sig
-        dz = dy * (y_ssm + D * x) * sig * (1.0 + z * (1.0 - sig))
-    g = g + C * dy_ssm
-    g_b = jnp.sum(g * B, axis=n_axis, keepdims=True)
-    da_a = g * h_prev * a
-    ddelta = x * g_b + jnp.sum(da_a * A, axis=n_axis, keepdims=True)
-    grads = dict(
-        dx=D * dy_ssm + delta * g_b,
-        ddt=ddelta * ddelta_ddt,
-        dz=dz,
-        dD=dy_ssm * x,
-        dA=da_a * delta,
-        dB=g * (delta * x),
-        dC=h * dy_ssm,
-    )
-    return a * g, grads

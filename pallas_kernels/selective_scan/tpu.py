@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from effarch.ops import _common
+from effarch.op_contract import pad_to_multiple
 from pallas_kernels._tpu import LANES, SEMANTICS, narrow, row_scratch, widen
-from pallas_kernels.selective_scan import reference as ref
+from pallas_kernels.selective_scan import _step
 
 N_AXIS = 0  # state tiles are [N, LANES]; channel vectors [1, LANES]
 _EXACT = jax.lax.Precision.HIGHEST
@@ -79,9 +79,9 @@ def _forward_kernel(*refs, gated: bool, dt_softplus: bool, time: int):
 
     def step(t, h):
         s = _step_inputs(t, x_ref, dt_ref, z_ref, B_ref, C_ref, keep_ref, onehot)
-        delta, _ = ref.step_size(s["dt"], bias, dt_softplus)
-        h, y = ref.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
-        y32[pl.ds(t, 1), :] = ref.gated_output(y, s["x"], D, s["z"])
+        delta, _ = _step.step_size(s["dt"], bias, dt_softplus)
+        h, y = _step.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
+        y32[pl.ds(t, 1), :] = _step.gated_output(y, s["x"], D, s["z"])
         return h
 
     rows = _rows_in_chunk(c, x_ref.shape[0], time)
@@ -124,8 +124,8 @@ def _backward_kernel(*refs, gated: bool, dt_softplus: bool, time: int):
 
     def recompute(t, h):
         s = load(t)
-        delta, _ = ref.step_size(s["dt"], bias, dt_softplus)
-        h, _ = ref.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
+        delta, _ = _step.step_size(s["dt"], bias, dt_softplus)
+        h, _ = _step.scan_step(h, s["x"], delta, s["keep"], A, s["B"], s["C"], n_axis=N_AXIS)
         states_ref[t] = h
         return h
 
@@ -138,7 +138,7 @@ def _backward_kernel(*refs, gated: bool, dt_softplus: bool, time: int):
         t = rows - 1 - j
         s = load(t)
         h_prev = jnp.where(t > 0, states_ref[jnp.maximum(t - 1, 0)], h_start)
-        g, grads = ref.adjoint_step(
+        g, grads = _step.adjoint_step(
             g, states_ref[t], h_prev, s["x"], s["dt"], bias, s["keep"], A, s["B"], s["C"],
             D, s["z"], _row(dy_ref, t), dt_softplus=dt_softplus, n_axis=N_AXIS,
         )
@@ -191,7 +191,7 @@ def _call(is_backward, x, dt, z, A, dt_bias, D, B, C, onehot, keep, extra, *,
     ckpt_spec = pl.BlockSpec((None, None, state, LANES), lambda b, d, c: (b, chunk_of(c), 0, d))
     vector_spec = pl.BlockSpec((None, 1, LANES), lambda b, d, c: (b, 0, d))  # [B,1,D]
 
-    pad = functools.partial(_common.pad_time, multiple=chunk)
+    pad = functools.partial(pad_to_multiple, multiple=chunk, axis=1)
     groups_t = lambda v: pad(jnp.swapaxes(v, 2, 3))  # noqa: E731  [B,T,N,G]
     args = [pad(x), pad(dt)] + ([pad(z)] if gated else []) + [
         A.T, dt_bias[None], D[None], groups_t(B), groups_t(C), onehot.T, pad(keep[..., None]),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from effarch import ops
+from effarch.ops import _common
 from effarch.testing import assert_relative_close
 
 PARALLEL_FORMS = ("quadratic", "chunked")
@@ -243,8 +244,6 @@ class TestBadInput:
 
 
 def test_auto_keeps_xla_until_a_kernel_is_verified(monkeypatch):
-    from effarch.ops import _common
-
     auto = _common.auto_chunked_until_kernel_verified("linear_attention")
     assert [auto(p) for p in ("cpu", "gpu", "tpu")] == ["chunked"] * 3
     monkeypatch.setitem(_common.VERIFIED_KERNELS, "linear_attention", ("gpu",))
