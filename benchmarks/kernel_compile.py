@@ -1,6 +1,6 @@
 """Compiles every Pallas kernel for an H100 and a TPU on a machine with neither.
 
-For each case of ``pallas_kernels.compile_check`` (each kernel family, forward
+For each case of ``compile_check`` (beside this script: each kernel family, forward
 and backward, bf16 inputs) it lowers the real kernels and compiles them:
 
 - GPU: the Triton modules to cubins for ``sm_<capability>a`` with the
@@ -20,6 +20,7 @@ writes JSON with the environment and the command.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -27,9 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import compile_check  # noqa: E402
 import harness  # noqa: E402
-
-from pallas_kernels import compile_check  # noqa: E402
 
 COLUMNS = ("case", "target", "kernel", "status", "registers", "spill_stores", "spill_loads",
            "shared_bytes", "num_warps", "temp_bytes", "output_bytes", "compile_s")
@@ -80,8 +80,6 @@ def tpu_rows(case, topologies) -> list[dict]:
 
 def _compiler_versions() -> dict:
     """Versions of libtpu and triton as installed (None where absent)."""
-    import importlib.metadata
-
     versions = {}
     for name in ("libtpu", "triton"):
         try:

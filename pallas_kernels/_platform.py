@@ -9,7 +9,7 @@ passed to a kernel's ``ops`` function).
 ``lowering_for(backend)`` compiles the real kernels for a platform this machine
 lacks, for ahead-of-time lowering (``jax.export``, ``Traced.lower(
 lowering_platforms=...)``, compile-only TPU topologies): see
-``pallas_kernels.compile_check``.
+``benchmarks/compile_check.py``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ a bf16 block fails to compile ("cannot statically prove that index ... is a
 multiple of 8"). Kernels that walk rows one at a time therefore copy their
 ``[rows, LANES]`` blocks into float32 VMEM scratch first (:func:`widen`) and
 write narrow outputs through float32 scratch too (:func:`narrow`). Interpret
-mode accepts either, so only a compile (``pallas_kernels.compile_check``) shows
+mode accepts either, so only a compile (``benchmarks/compile_check.py``) shows
 the difference.
 """
 

@@ -11,10 +11,18 @@ sm_90a cubins by ptxas. Speed still needs the device.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import _platform, compile_check
+from effarch import ops
+from pallas_kernels import _platform
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+import compile_check  # noqa: E402  (benchmarks/compile_check.py, the kernel tooling)
 
 CASES = {case.name: case for case in compile_check.cases()}
 EXPECTED_TARGET = {"cuda": compile_check.TRITON_TARGET, "tpu": compile_check.TPU_TARGET}
@@ -84,11 +92,6 @@ def test_triton_kernels_compile_for_sm90(name, triton):
 
 def _public_ops_calls():
     """``effarch.ops`` with ``implementation="pallas"``: the path models take."""
-    import jax
-    import jax.numpy as jnp
-
-    from effarch import ops
-
     bf16, f32 = jnp.bfloat16, jnp.float32
     sds = jax.ShapeDtypeStruct
     return {
@@ -108,12 +111,10 @@ def _public_ops_calls():
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("op", ["linear_attention", "selective_scan", "linear_scan"])
 def test_public_ops_lower_to_kernels(op, platform):
-    import jax
-
     fn, args = _public_ops_calls()[op]
 
     def forward_and_backward(*xs):
-        return jax.grad(lambda *ys: fn(*ys).astype(jax.numpy.float32).sum(),
+        return jax.grad(lambda *ys: fn(*ys).astype(jnp.float32).sum(),
                         argnums=tuple(range(len(xs))))(*xs)
 
     case = compile_check.Case(op, op, forward_and_backward, args, kernels={})

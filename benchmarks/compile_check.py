@@ -1,7 +1,8 @@
 """Lower and compile every kernel for a GPU or TPU this machine lacks.
 
 Interpret mode proves a kernel's math on a CPU, not that it lowers. This
-module lowers the real kernels, forward and backward, ahead of time:
+module (tooling beside the kernels, not part of ``pallas_kernels``) lowers the
+real kernels, forward and backward, ahead of time:
 
 - ``lower(case, "cuda" | "tpu")``: the Pallas lowering (Triton or Mosaic) with
   ``Traced.lower(lowering_platforms=...)``. It needs nothing beyond jax and is
@@ -22,6 +23,7 @@ compiled code runs: that still needs the device.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -31,8 +33,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax._src.lib.mlir import ir
+from jax.experimental import topologies
+from jaxlib.triton import dialect
 
-from pallas_kernels import _platform
+from pallas_kernels import _platform, chunked_linear_attention, linear_scan, selective_scan
 
 # Compile-only TPU topologies load libtpu, which by default allows one process
 # per machine (a lockfile); test workers and this module's users may be several.
@@ -78,15 +83,13 @@ def _sds(shape, dtype=jnp.bfloat16):
 
 
 def _chunked_case(decay: str, kd: int, *, segments: bool = False) -> Case:
-    from pallas_kernels.chunked_linear_attention import ops
-
     b, t, h = 2, 256, 2
     f32 = jnp.float32
     decay_shape = {"none": None, "scalar": (b, t, h), "per_key": (b, t, h, kd)}[decay]
     ids = jnp.repeat(jnp.arange(2), t // 2)[None].repeat(b, 0) if segments else None
 
     def fn(q, k, v, s0, *log_decay):
-        return ops.chunked_linear_attention(
+        return chunked_linear_attention.chunked_linear_attention(
             q, k, v, log_decay[0] if log_decay else None, scale=kd ** -0.5,
             initial_state=s0, return_final_state=True, segment_ids=ids, chunk_size=64)
 
@@ -101,13 +104,12 @@ def _chunked_case(decay: str, kd: int, *, segments: bool = False) -> Case:
 
 
 def _selective_scan_case(groups: int) -> Case:
-    from pallas_kernels.selective_scan import ops
-
     b, t, d, n = 2, 256, 256, 16
     f32 = jnp.float32
 
     def fn(x, dt, z, A, B, C, D, dt_bias, h0):
-        return ops.selective_scan(x, dt, A, B, C, D, z, dt_bias=dt_bias, initial_state=h0)
+        return selective_scan.selective_scan(x, dt, A, B, C, D, z, dt_bias=dt_bias,
+                                             initial_state=h0)
 
     args = (_sds((b, t, d)),) * 3 + (_sds((d, n), f32), _sds((b, t, groups, n)),
                                      _sds((b, t, groups, n)), _sds((d,), f32),
@@ -117,12 +119,10 @@ def _selective_scan_case(groups: int) -> Case:
 
 
 def _linear_scan_case() -> Case:
-    from pallas_kernels.linear_scan import ops
-
     b, t, d = 2, 256, 512
 
     def fn(x, a, h0):
-        return ops.linear_scan(x, a, initial_state=h0)
+        return linear_scan.linear_scan(x, a, initial_state=h0)
 
     args = (_sds((b, t, d)), _sds((b, t, d)), _sds((b, d), jnp.float32))
     return Case("linear_scan", "linear_scan", _value_and_grads(fn), args,
@@ -175,8 +175,6 @@ class KernelCall:
 
 def kernel_calls(lowered) -> list[KernelCall]:
     """The kernel custom calls in a lowered module, in program order."""
-    from jax._src.lib.mlir import ir
-
     calls = []
 
     def walk(operation):
@@ -184,14 +182,14 @@ def kernel_calls(lowered) -> list[KernelCall]:
             for block in region.blocks:
                 for op in block.operations:
                     if op.operation.name == "stablehlo.custom_call":
-                        calls.append(_kernel_call(op.operation, ir))
+                        calls.append(_kernel_call(op.operation))
                     walk(op.operation)
 
     walk(lowered.compiler_ir().operation)
     return [c for c in calls if c is not None]
 
 
-def _kernel_call(op, ir) -> KernelCall | None:
+def _kernel_call(op) -> KernelCall | None:
     target = ir.StringAttr(op.attributes["call_target_name"]).value
     if target == TRITON_TARGET:
         cfg = ir.DictAttr(op.attributes["mhlo.backend_config"])
@@ -209,9 +207,6 @@ def _kernel_call(op, ir) -> KernelCall | None:
 
 def triton_text(call: KernelCall) -> str:
     """The Triton module of a kernel call as MLIR text (the ``.ttir`` a compiler reads)."""
-    from jax._src.lib.mlir import ir
-    from jaxlib.triton import dialect
-
     context = ir.Context()
     dialect.register_dialect(context)
     with context:
@@ -274,8 +269,6 @@ def compile_triton(call: KernelCall, *, capability: int = 90, python: str | None
     Raises:
       RuntimeError: the compile failed; the message holds the compiler's output.
     """
-    import json
-
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{call.name}.ttir")
@@ -311,8 +304,6 @@ def triton_available(python: str | None = None) -> bool:
 
 def tpu_topology(name: str = "v5e:2x2"):
     """A compile-only TPU topology (needs libtpu: ``pip install "jax[tpu]"``)."""
-    from jax.experimental import topologies
-
     return topologies.get_topology_desc(platform="tpu", topology_name=name)
 
 
