@@ -1,4 +1,4 @@
-"""Which Pallas kernel runs, and whether it is interpreted.
+"""Which Pallas kernel runs, whether it is interpreted, and the static config of a call.
 
 On a GPU the GPU kernel compiles; on a TPU the TPU kernel compiles. On a CPU the
 kernels run in interpret mode so anyone can check them without hardware: the
@@ -10,6 +10,11 @@ passed to a kernel's ``ops`` function).
 lacks, for ahead-of-time lowering (``jax.export``, ``Traced.lower(
 lowering_platforms=...)``, compile-only TPU topologies): see
 ``benchmarks/compile_check.py``.
+
+Every op's ``ops.py`` holds its static choices in a :class:`KernelConfig`
+(the target, the op's ``BlockSizes`` as that target tiles them, the op's
+static arguments) and calls ``config.kernels.forward`` / ``backward``: the
+same functions, by name and signature, in the op's ``gpu.py`` and ``tpu.py``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,12 @@ import contextlib
 import contextvars
 import dataclasses
 import os
+from types import ModuleType
+from typing import Any, ClassVar
 
 import jax
+
+from pallas_kernels._tpu import LANES
 
 ENV_VAR = "EFFARCH_PALLAS_INTERPRET"
 BACKENDS = ("gpu", "tpu")
@@ -78,6 +87,42 @@ class ScanBlockSizes:
             raise ValueError(f"block_d={self.block_d!r} must be a power of 2.")
         if not isinstance(self.chunk, int) or self.chunk < 8 or self.chunk % 8:
             raise ValueError(f"chunk={self.chunk!r} must be a positive multiple of 8.")
+
+    def for_target(self, target: KernelTarget):
+        """The sizes the target's kernels tile with: the TPU kernels take ``LANES`` channels."""
+        return self if target.backend == "gpu" else dataclasses.replace(self, block_d=LANES)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Static choices of one kernel call (hashable: a ``custom_vjp`` nondiff argument).
+
+    Each op subclasses it as ``ops._Config``, naming its kernel modules in
+    ``BACKENDS`` and adding its own static arguments as fields; the op then
+    calls ``config.kernels.forward(*arrays, **config.static)`` (and backward).
+
+    Attributes:
+      target: which kernel runs, and whether it is interpreted.
+      block_sizes: the op's ``BlockSizes`` as the target's kernels tile them
+        (``BlockSizes.for_target``).
+    """
+
+    BACKENDS: ClassVar[dict[str, ModuleType]] = {}
+
+    target: KernelTarget
+    block_sizes: Any
+
+    @property
+    def kernels(self) -> ModuleType:
+        """The module (``gpu`` or ``tpu``) whose ``forward`` and ``backward`` run."""
+        return self.BACKENDS[self.target.backend]
+
+    @property
+    def static(self) -> dict:
+        """The keyword arguments of those kernels: every field but ``target``, and ``interpret``."""
+        fields = dataclasses.fields(self)
+        return {**{f.name: getattr(self, f.name) for f in fields if f.name != "target"},
+                "interpret": self.target.interpret}
 
 
 def resolve_target(backend: str | None = None, interpret: bool | None = None) -> KernelTarget:

@@ -20,6 +20,11 @@ LANES = 128
 SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
+def interpret_params(interpret: bool):
+    """``pallas_call``'s ``interpret=`` for a TPU kernel: the TPU interpreter, or compile."""
+    return pltpu.InterpretParams() if interpret else False
+
+
 def row_scratch(rows: int):
     """A float32 ``[rows, LANES]`` VMEM scratch buffer."""
     return pltpu.VMEM((rows, LANES), jnp.float32)

@@ -401,37 +401,6 @@ def _finish_block(x: Refs, ch: Chunk, blk: _Block, dq, dk, dv, load_state, load_
     ch.store(outs["dgb"], blk.i, dgb)
 
 
-def call(kernel, inputs: dict, outputs: dict, *, grid, interpret, **kwargs) -> dict:
-    """``pl.pallas_call`` with named refs; entries whose array is None are left out.
-
-    Args:
-      kernel: ``kernel(refs: dict)`` with refs named as in ``inputs``/``outputs``.
-      inputs: name -> ``(array or None, BlockSpec)``.
-      outputs: name -> ``(jax.ShapeDtypeStruct, BlockSpec)``.
-      grid, interpret, kwargs: passed to ``pl.pallas_call`` (``scratch_shapes``
-        refs arrive under the names ``scratch0``, ``scratch1``, ...).
-    Returns:
-      name -> output array.
-    """
-    inputs = {n: a for n, a in inputs.items() if a[0] is not None}
-    names = [*inputs, *outputs]
-    names += [f"scratch{i}" for i in range(len(kwargs.get("scratch_shapes", ())))]
-
-    def body(*refs):
-        kernel(dict(zip(names, refs)))
-
-    results = pl.pallas_call(
-        body,
-        out_shape=[shape for shape, _ in outputs.values()],
-        grid=grid,
-        in_specs=[spec for _, spec in inputs.values()],
-        out_specs=[spec for _, spec in outputs.values()],
-        interpret=interpret,
-        **kwargs,
-    )(*[array for array, _ in inputs.values()])
-    return dict(zip(outputs, results))
-
-
 def refs_of(refs: dict) -> Refs:
     """The kernel's input refs as a :class:`Refs` (missing ones None)."""
     fields = [f.name for f in dataclasses.fields(Refs)]

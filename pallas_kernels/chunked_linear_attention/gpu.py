@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._call import call
 from pallas_kernels.chunked_linear_attention import _chunk
 
 NUM_STAGES = 2
@@ -76,16 +77,18 @@ def _params(kd: int, block_v: int, *, grads: bool = False):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES)
 
 
-def forward(p, initial_state, *, scale: float, chunk: int, sub_chunk: int, block_v: int,
-            interpret: bool):
+def forward(p, initial_state, *, block_sizes, scale: float, interpret: bool):
     """Runs the forward kernels.
 
     Args:
       p: ``ops.Prepared`` inputs; initial_state: ``[B,H,Kp,Vp]`` float32 or None.
+      block_sizes: ``ops.BlockSizes`` for this target (chunk, sub_chunk, block_v).
+      scale: output scale; interpret: run in Pallas interpret mode.
     Returns:
       ``(o [B,Tp,H,Vp] in v.dtype, states [B,H,N,Kp,Vp], final [B,H,Kp,Vp])``,
       states and final in float32; ``states[:, :, n]`` enters chunk ``n``.
     """
+    chunk, sub_chunk, block_v = block_sizes.chunk, block_sizes.sub_chunk, block_sizes.block_v
     b, tp, h, kd = p.q.shape
     vd = p.v.shape[-1]
     n, nv = tp // chunk, vd // block_v
@@ -105,7 +108,7 @@ def forward(p, initial_state, *, scale: float, chunk: int, sub_chunk: int, block
 
     inputs = _specs(p, chunk, block_v)
     inputs["s0"] = (initial_state, _state_spec(kd, block_v))
-    out = _chunk.call(state_kernel, inputs, {
+    out = call(state_kernel, inputs, {
         "states": (jax.ShapeDtypeStruct((b, h, n * kd, vd), f32), _stacked_spec(n, kd, block_v)),
         "final": (jax.ShapeDtypeStruct((b, h, kd, vd), f32), _state_spec(kd, block_v)),
     }, grid=(b, h, nv), name="chunked_linear_attention_states", **common)
@@ -117,25 +120,26 @@ def forward(p, initial_state, *, scale: float, chunk: int, sub_chunk: int, block
 
     inputs = _specs(p, chunk, block_v)
     inputs["states"] = (out["states"], _stacked_spec(n, kd, block_v))
-    o = _chunk.call(output_kernel, inputs, {
+    o = call(output_kernel, inputs, {
         "o": (jax.ShapeDtypeStruct((b, tp, h, vd), p.v.dtype),
               pl.BlockSpec((None, tp, None, block_v), lambda b, h, j, i: (b, 0, h, j))),
     }, grid=(b, h, nv, n), name="chunked_linear_attention_fwd", **common)["o"]
     return o, out["states"].reshape(b, h, n, kd, vd), out["final"]
 
 
-def backward(p, do, states, dfinal, *, scale: float, chunk: int, sub_chunk: int,
-             block_v: int, interpret: bool) -> dict:
+def backward(p, do, states, dfinal, *, block_sizes, scale: float, interpret: bool) -> dict:
     """Runs the backward kernels.
 
     Args:
       p: ``ops.Prepared`` inputs; do: ``[B,Tp,H,Vp]`` output gradient.
       states: ``[B,H,N,Kp,Vp]`` from :func:`forward`; dfinal: ``[B,H,Kp,Vp]``.
+      block_sizes, scale, interpret: as :func:`forward`.
     Returns:
       dict with ``dq, dk [B,Tp,H,Kp]``, ``dv [B,Tp,H,Vp]``, ``ds0 [B,H,Kp,Vp]``
       and, with decay, ``dga, dgb [B,H,Tp,Kg]`` (see ``ops._log_decay_grad``),
       all float32.
     """
+    chunk, sub_chunk, block_v = block_sizes.chunk, block_sizes.sub_chunk, block_sizes.block_v
     b, tp, h, kd = p.q.shape
     vd = p.v.shape[-1]
     n, nv = tp // chunk, vd // block_v
@@ -154,7 +158,7 @@ def backward(p, do, states, dfinal, *, scale: float, chunk: int, sub_chunk: int,
 
         refs["ds0"][...] = lax.fori_loop(0, n, body, refs["dfinal"][...])
 
-    out = _chunk.call(dstate_kernel, {**inputs, "dfinal": (dfinal, _state_spec(kd, block_v))}, {
+    out = call(dstate_kernel, {**inputs, "dfinal": (dfinal, _state_spec(kd, block_v))}, {
         "dstates": (jax.ShapeDtypeStruct((b, h, n * kd, vd), f32), _stacked_spec(n, kd, block_v)),
         "ds0": (jax.ShapeDtypeStruct((b, h, kd, vd), f32), _state_spec(kd, block_v)),
     }, grid=(b, h, nv), name="chunked_linear_attention_dstates", **common)
@@ -183,9 +187,9 @@ def backward(p, do, states, dfinal, *, scale: float, chunk: int, sub_chunk: int,
 
     inputs["states"] = (states.reshape(b, h, n * kd, vd), _stacked_spec(n, kd, block_v))
     inputs["dstates"] = (out["dstates"], _stacked_spec(n, kd, block_v))
-    grads = _chunk.call(grads_kernel, inputs, outputs, grid=(b, h, nv, n),
-                        name="chunked_linear_attention_bwd",
-                        **dict(common, compiler_params=_params(kd, block_v, grads=True)))
+    grads = call(grads_kernel, inputs, outputs, grid=(b, h, nv, n),
+                 name="chunked_linear_attention_bwd",
+                 **dict(common, compiler_params=_params(kd, block_v, grads=True)))
     result = {"dq": grads["dq"].sum(0), "dk": grads["dk"].sum(0), "dv": grads["dv"],
               "ds0": out["ds0"]}
     if p.g is not None:

@@ -21,8 +21,6 @@ from effarch.op_contract import MASKED_LOG, chunk_segments, pad_to_multiple
 from pallas_kernels import _platform
 from pallas_kernels.chunked_linear_attention import gpu, tpu
 
-_BACKENDS = {"gpu": gpu, "tpu": tpu}
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSizes:
@@ -48,19 +46,62 @@ class BlockSizes:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"BlockSizes.{name}={value!r}; expected a positive int or None.")
 
+    def for_target(self, target: _platform.KernelTarget, *, chunk_size: int,
+                   value_dim: int) -> BlockSizes:
+        """The sizes the target's kernels tile with: every None filled in, each checked.
+
+        ``chunk_size`` is the op's tuning hint (the numbers do not depend on
+        it): it is rounded up to a chunk the kernel can tile. ``chunk`` is an
+        explicit request and must already be one.
+
+        Raises:
+          ValueError: a size the target's kernels cannot tile, naming the rule.
+        """
+        on_gpu = target.backend == "gpu"
+        if on_gpu:
+            ok = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731
+            rule = "a power of two >= 16 on GPU"
+        else:
+            ok = lambda n: n % 8 == 0  # noqa: E731
+            rule = "a multiple of 8 on TPU"
+        chunk = self.chunk or (_padded_dim(chunk_size, "gpu") if on_gpu
+                               else -(-chunk_size // 8) * 8)
+        if not ok(chunk):
+            raise ValueError(f"BlockSizes.chunk={chunk} must be {rule}.")
+        sub_chunk = self.sub_chunk or min(16, chunk)
+        if not ok(sub_chunk) or chunk % sub_chunk:
+            raise ValueError(f"BlockSizes.sub_chunk={sub_chunk} must be {rule} and divide "
+                             f"the chunk size {chunk}.")
+        v_pad = _padded_dim(value_dim, target.backend)
+        block_v = min(self.block_v or (64 if on_gpu else 128), v_pad)
+        if v_pad % block_v or not ok(block_v) or (not on_gpu and block_v % 128):
+            raise ValueError(f"BlockSizes.block_v={block_v} must divide the padded V={v_pad} and "
+                             f"be {'a power of two >= 16' if on_gpu else 'a multiple of 128'}.")
+        return BlockSizes(chunk=chunk, sub_chunk=sub_chunk, block_v=block_v)
+
+
+def _padded_dim(dim: int, backend: str) -> int:
+    """K or V as the kernels tile it: a power of two >= 16 (GPU), a multiple of 128 (TPU)."""
+    if backend == "gpu":
+        return max(16, 1 << (dim - 1).bit_length())
+    return -(-dim // 128) * 128
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _Config:
-    """Static arguments of one call (hashable, for custom_vjp)."""
+class _Config(_platform.KernelConfig):
+    """Static choices of one call: the target, its block sizes, and the output scale."""
+
+    BACKENDS = {"gpu": gpu, "tpu": tpu}
 
     scale: float
-    backend: str
-    interpret: bool
-    chunk: int
-    sub_chunk: int
-    block_v: int
-    k_pad: int
-    v_pad: int
+
+    def pad(self, x, *, time: bool = True, lanes: tuple[int, ...] = (3,)):
+        """Pads T (axis 1) to whole chunks and each axis in ``lanes`` as the kernels tile it."""
+        if time:
+            x = pad_to_multiple(x, self.block_sizes.chunk, axis=1)
+        for axis in lanes:
+            x = pad_to_multiple(x, _padded_dim(x.shape[axis], self.target.backend), axis=axis)
+        return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,63 +163,31 @@ def chunked_linear_attention(q, k, v, log_decay, *, scale: float, initial_state,
       ValueError: block sizes the chosen kernel cannot tile.
     """
     target = _platform.resolve_target(backend, interpret)
-    cfg = _config(target, block_sizes or BlockSizes(), chunk_size, q.shape[-1], v.shape[-1],
-                  scale)
+    blocks = (block_sizes or BlockSizes()).for_target(target, chunk_size=chunk_size,
+                                                      value_dim=v.shape[-1])
+    cfg = _Config(target=target, block_sizes=blocks, scale=float(scale))
     o, final = _linear_attention(cfg, q, k, v, log_decay, initial_state, segment_ids)
     return o, (final if return_final_state else None)
-
-
-def _config(target, blocks: BlockSizes, chunk_size: int, kd: int, vd: int, scale) -> _Config:
-    gpu_target = target.backend == "gpu"
-    if gpu_target:
-        pad = lambda d: max(16, 1 << (d - 1).bit_length())
-        ok = lambda n: n >= 16 and n & (n - 1) == 0
-        rule = "a power of two >= 16 on GPU"
-    else:
-        pad = lambda d: -(-d // 128) * 128
-        ok = lambda n: n % 8 == 0
-        rule = "a multiple of 8 on TPU"
-    # ``chunk_size`` is the op's tuning hint (the numbers do not depend on it):
-    # the kernel rounds it up to a size it can tile. ``BlockSizes.chunk`` is an
-    # explicit request and must already be one.
-    chunk = blocks.chunk or (pad(chunk_size) if gpu_target else -(-chunk_size // 8) * 8)
-    if not ok(chunk):
-        raise ValueError(f"BlockSizes.chunk={chunk} must be {rule}.")
-    sub_chunk = blocks.sub_chunk or min(16, chunk)
-    if not ok(sub_chunk) or chunk % sub_chunk:
-        raise ValueError(f"BlockSizes.sub_chunk={sub_chunk} must be {rule} and divide "
-                         f"the chunk size {chunk}.")
-    k_pad, v_pad = pad(kd), pad(vd)
-    block_v = min(blocks.block_v or (64 if gpu_target else 128), v_pad)
-    if v_pad % block_v or not ok(block_v) or (not gpu_target and block_v % 128):
-        raise ValueError(f"BlockSizes.block_v={block_v} must divide the padded V={v_pad} and "
-                         f"be {'a power of two >= 16' if gpu_target else 'a multiple of 128'}.")
-    return _Config(scale=float(scale), backend=target.backend, interpret=target.interpret,
-                   chunk=chunk, sub_chunk=sub_chunk, block_v=block_v,
-                   k_pad=k_pad, v_pad=v_pad)
 
 
 def _pad_state(s, cfg: _Config):
     """``[B,H,K,V]`` -> float32 ``[B,H,Kp,Vp]`` (None passes through)."""
     if s is None:
         return None
-    return pad_to_multiple(pad_to_multiple(s.astype(jnp.float32), cfg.k_pad, axis=2),
-                           cfg.v_pad, axis=3)
+    return cfg.pad(s.astype(jnp.float32), time=False, lanes=(2, 3))
 
 
 def _prepare(cfg: _Config, q, k, v, log_decay, segment_ids) -> Prepared:
     """Pads to whole chunks and lane/tile sizes; precomputes decays and segment flags."""
     b, t, h, _ = q.shape
-    c = cfg.chunk
-    pad = lambda x, last: pad_to_multiple(pad_to_multiple(x, c, axis=1), last, axis=3)  # noqa: E731
-    q, k = (pad(x, cfg.k_pad) for x in (q, k))
-    v = pad(v, cfg.v_pad)
+    c = cfg.block_sizes.chunk
+    q, k, v = (cfg.pad(x) for x in (q, k, v))
     tp = q.shape[1]
     n = tp // c
     g = g_row = tot = r = seg_in = seg_out = None
     if log_decay is not None:
         ld = log_decay if log_decay.ndim == 4 else log_decay[..., None]  # [B,T,H,Kg]
-        ld = pad(ld.astype(jnp.float32), cfg.k_pad if ld.shape[-1] > 1 else 1)
+        ld = cfg.pad(ld.astype(jnp.float32), lanes=(3,) if ld.shape[-1] > 1 else ())
         kg = ld.shape[-1]
         ld = jnp.transpose(ld, (0, 2, 1, 3)).reshape(b, h, n, c, kg)
         g5 = jnp.cumsum(ld, axis=3)  # [B,H,N,C,Kg]
@@ -208,9 +217,7 @@ def _forward(cfg: _Config, q, k, v, log_decay, initial_state, segment_ids):
     b, t, h, kd = q.shape
     vd = v.shape[-1]
     p = _prepare(cfg, q, k, v, log_decay, segment_ids)
-    o, states, final = _BACKENDS[cfg.backend].forward(
-        p, _pad_state(initial_state, cfg), scale=cfg.scale, chunk=cfg.chunk,
-        sub_chunk=cfg.sub_chunk, block_v=cfg.block_v, interpret=cfg.interpret)
+    o, states, final = cfg.kernels.forward(p, _pad_state(initial_state, cfg), **cfg.static)
     out = (o[:, :t, :, :vd], final[:, :, :kd, :vd])
     return out, (q, k, v, log_decay, initial_state, segment_ids, states, final)
 
@@ -221,18 +228,15 @@ def _backward(cfg: _Config, residuals, cotangents):
     b, t, h, kd = q.shape
     vd = v.shape[-1]
     p = _prepare(cfg, q, k, v, log_decay, segment_ids)
-    do = pad_to_multiple(pad_to_multiple(do, cfg.chunk, axis=1), cfg.v_pad, axis=3)
-    do = do.astype(v.dtype)
-    grads = _BACKENDS[cfg.backend].backward(
-        p, do, states, _pad_state(dfinal, cfg), scale=cfg.scale, chunk=cfg.chunk,
-        sub_chunk=cfg.sub_chunk, block_v=cfg.block_v, interpret=cfg.interpret)
+    do = cfg.pad(do).astype(v.dtype)
+    grads = cfg.kernels.backward(p, do, states, _pad_state(dfinal, cfg), **cfg.static)
     dq = grads["dq"][:, :t, :, :kd].astype(q.dtype)
     dk = grads["dk"][:, :t, :, :kd].astype(k.dtype)
     dv = grads["dv"][:, :t, :, :vd].astype(v.dtype)
     d_init = None if initial_state is None else grads["ds0"][:, :, :kd, :vd]
     d_decay = None
     if log_decay is not None:
-        d_decay = _log_decay_grad(grads["dga"], grads["dgb"], cfg.chunk)[:, :t]
+        d_decay = _log_decay_grad(grads["dga"], grads["dgb"], cfg.block_sizes.chunk)[:, :t]
         d_decay = d_decay[..., :kd] if log_decay.ndim == 4 else d_decay[..., 0]
     d_seg = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
     return dq, dk, dv, d_decay, d_init, d_seg

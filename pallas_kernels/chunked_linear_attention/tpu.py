@@ -17,10 +17,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._call import call
+from pallas_kernels._tpu import interpret_params
 from pallas_kernels.chunked_linear_attention import _chunk
-
-def _interpret(interpret: bool):
-    return pltpu.InterpretParams() if interpret else False
 
 
 def _heads_first(x):
@@ -69,9 +68,9 @@ def _params():
         dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def forward(p, initial_state, *, scale: float, chunk: int, sub_chunk: int, block_v: int,
-            interpret: bool):
+def forward(p, initial_state, *, block_sizes, scale: float, interpret: bool):
     """Runs the forward kernel; arguments and returns as ``gpu.forward``."""
+    chunk, sub_chunk, block_v = block_sizes.chunk, block_sizes.sub_chunk, block_sizes.block_v
     b, tp, h, kd = p.q.shape
     vd = p.v.shape[-1]
     n = tp // chunk
@@ -89,7 +88,7 @@ def forward(p, initial_state, *, scale: float, chunk: int, sub_chunk: int, block
 
     def kernel(refs):
         i = pl.program_id(3)
-        carry = refs["scratch0"]
+        carry = refs["carry"]
 
         @pl.when(i == 0)
         def _():
@@ -106,16 +105,16 @@ def forward(p, initial_state, *, scale: float, chunk: int, sub_chunk: int, block
         def _():
             refs["final"][...] = state
 
-    out = _chunk.call(kernel, inputs, outputs, grid=(b, h, vd // block_v, n),
-                      interpret=_interpret(interpret), compiler_params=_params(),
-                      scratch_shapes=[pltpu.VMEM((kd, block_v), f32)],
-                      name="chunked_linear_attention_fwd")
+    out = call(kernel, inputs, outputs, grid=(b, h, vd // block_v, n),
+               interpret=interpret_params(interpret), compiler_params=_params(),
+               scratch={"carry": pltpu.VMEM((kd, block_v), f32)},
+               name="chunked_linear_attention_fwd")
     return _heads_first(out["o"]), out["states"], out["final"]
 
 
-def backward(p, do, states, dfinal, *, scale: float, chunk: int, sub_chunk: int,
-             block_v: int, interpret: bool) -> dict:
+def backward(p, do, states, dfinal, *, block_sizes, scale: float, interpret: bool) -> dict:
     """Runs the backward kernel; arguments and returns as ``gpu.backward``."""
+    chunk, sub_chunk, block_v = block_sizes.chunk, block_sizes.sub_chunk, block_sizes.block_v
     b, tp, h, kd = p.q.shape
     vd = p.v.shape[-1]
     n = tp // chunk
@@ -142,7 +141,7 @@ def backward(p, do, states, dfinal, *, scale: float, chunk: int, sub_chunk: int,
 
     def kernel(refs):
         i = pl.program_id(3)
-        carry = refs["scratch0"]
+        carry = refs["carry"]
 
         @pl.when(i == 0)
         def _():
@@ -159,10 +158,10 @@ def backward(p, do, states, dfinal, *, scale: float, chunk: int, sub_chunk: int,
         def _():
             refs["ds0"][...] = dstate
 
-    out = _chunk.call(kernel, inputs, outputs, grid=(b, h, nv, n),
-                      interpret=_interpret(interpret), compiler_params=_params(),
-                      scratch_shapes=[pltpu.VMEM((kd, block_v), f32)],
-                      name="chunked_linear_attention_bwd")
+    out = call(kernel, inputs, outputs, grid=(b, h, nv, n),
+               interpret=interpret_params(interpret), compiler_params=_params(),
+               scratch={"carry": pltpu.VMEM((kd, block_v), f32)},
+               name="chunked_linear_attention_bwd")
     grads = {"dq": _heads_first(out["dq"].sum(0)), "dk": _heads_first(out["dk"].sum(0)),
              "dv": _heads_first(out["dv"]), "ds0": out["ds0"]}
     if p.g is not None:

@@ -30,40 +30,27 @@ class BlockSizes(_platform.ScanBlockSizes):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _Config:
-    """Static choices of one call (hashable: a custom_vjp nondiff argument)."""
+class _Config(_platform.KernelConfig):
+    """Static choices of one call: the target and its block sizes."""
 
-    target: _platform.KernelTarget
-    block_sizes: BlockSizes
-
-    def forward(self, x, a, h0):
-        if self.target.backend == "gpu":
-            return gpu.forward(x, a, h0, block_d=self.block_sizes.block_d,
-                               interpret=self.target.interpret)
-        return tpu.forward(x, a, h0, chunk=self.block_sizes.chunk, interpret=self.target.interpret)
-
-    def backward(self, a, h, h0, dh, dfinal):
-        if self.target.backend == "gpu":
-            return gpu.backward(a, h, h0, dh, dfinal, block_d=self.block_sizes.block_d,
-                                interpret=self.target.interpret)
-        return tpu.backward(a, h, h0, dh, dfinal, chunk=self.block_sizes.chunk,
-                            interpret=self.target.interpret)
+    BACKENDS = {"gpu": gpu, "tpu": tpu}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(config: _Config, x, a, h0):
-    return config.forward(x, a, h0)
+    return _scan_fwd(config, x, a, h0)[0]
 
 
 def _scan_fwd(config, x, a, h0):
-    h, final = config.forward(x, a, h0)
+    h, final = config.kernels.forward(x, a, h0, **config.static)
     return (h, final), (a, h, h0)
 
 
 def _scan_bwd(config, residuals, cotangents):
     a, h, h0 = residuals
     dh, dfinal = cotangents
-    dx, da, dh0 = config.backward(a, h, h0, dh, dfinal.astype(jnp.float32))
+    dx, da, dh0 = config.kernels.backward(a, h, h0, dh, dfinal.astype(jnp.float32),
+                                          **config.static)
     return dx.astype(h.dtype), da.astype(a.dtype), dh0
 
 
@@ -95,20 +82,16 @@ def linear_scan(
     """
     batch, time, channels = x.shape
     check_linear_scan_inputs(x, a, initial_state, segment_ids)
-    config = _Config(
-        target=_platform.resolve_target(backend, interpret),
-        block_sizes=block_sizes or BlockSizes(),
-    )
+    target = _platform.resolve_target(backend, interpret)
+    config = _Config(target=target, block_sizes=(block_sizes or BlockSizes()).for_target(target))
     reset = segment_starts(segment_ids, batch, time)  # [B,T]
     a = jnp.where(reset[..., None], jnp.zeros((), a.dtype), a)
     if initial_state is None:
         h0 = jnp.zeros((batch, channels), jnp.float32)
     else:
         h0 = initial_state.astype(jnp.float32)
-    if config.target.backend == "gpu":
-        block_d, chunk = config.block_sizes.block_d, 1
-    else:
-        block_d, chunk = tpu.LANES, config.block_sizes.chunk
+    block_d = config.block_sizes.block_d
+    chunk = 1 if target.backend == "gpu" else config.block_sizes.chunk  # GPU: whole rows of T
     # Padded steps have x = 0, a = 1: the state passes through unchanged.
     x_p = pad_to_multiple(pad_to_multiple(x, block_d, axis=2), chunk, axis=1)
     a_p = pad_to_multiple(pad_to_multiple(a, block_d, axis=2), chunk, axis=1, value=1)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._tpu import LANES, SEMANTICS, narrow, row_scratch, widen
+from pallas_kernels._call import call
+from pallas_kernels._tpu import LANES, SEMANTICS, interpret_params, narrow, row_scratch, widen
 
 
 def _row(ref, t):
@@ -27,14 +28,15 @@ def _row(ref, t):
     return ref[pl.ds(t, 1), :].astype(jnp.float32)
 
 
-def _forward_kernel(x_ref, a_ref, h0_ref, h_ref, final_ref, carry_ref, x32, a32, h32):
+def _forward_kernel(refs):
     """x, a, h ``[chunk, LANES]``; h0, final, carry ``[1, LANES]``; ``*32`` float32 scratch."""
+    carry_ref = refs["carry"]
 
     @pl.when(pl.program_id(2) == 0)
     def _():
-        carry_ref[...] = h0_ref[...]
+        carry_ref[...] = refs["h0"][...]
 
-    x_ref, a_ref = widen(x_ref, x32), widen(a_ref, a32)
+    x_ref, a_ref, h32 = widen(refs["x"], refs["x32"]), widen(refs["a"], refs["a32"]), refs["h32"]
 
     def step(t, h):
         h = _row(a_ref, t) * h + _row(x_ref, t)
@@ -42,34 +44,32 @@ def _forward_kernel(x_ref, a_ref, h0_ref, h_ref, final_ref, carry_ref, x32, a32,
         return h
 
     carry_ref[...] = jax.lax.fori_loop(0, x_ref.shape[0], step, carry_ref[...])
-    narrow(h32, h_ref)
+    narrow(h32, refs["h"])
 
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
     def _():
-        final_ref[...] = carry_ref[...]
+        refs["final"][...] = carry_ref[...]
 
 
-def _backward_kernel(
-    a_ref, h_ref, h_before_ref, dh_ref, dfinal_ref, dx_ref, da_ref, dh0_ref, g_ref,
-    a32, h32, dh32,
-):
-    """One chunk of the reverse-time adjoint; g_ref carries it between chunks.
+def _backward_kernel(refs):
+    """One chunk of the reverse-time adjoint; the ``g`` scratch carries it between chunks.
 
     h_before ``[1, LANES]`` is the state before this chunk's first row.
     """
+    g_ref = refs["g"]
 
     @pl.when(pl.program_id(2) == 0)
     def _():
-        g_ref[...] = dfinal_ref[...]
+        g_ref[...] = refs["dfinal"][...]
 
-    a_ref, h_ref, dh_ref = widen(a_ref, a32), widen(h_ref, h32), widen(dh_ref, dh32)
-
+    a_ref, h_ref, dh_ref = (widen(refs[n], refs[n + "32"]) for n in ("a", "h", "dh"))
+    dx_ref, da_ref = refs["dx"], refs["da"]
     chunk = a_ref.shape[0]
 
     def step(i, g):
         t = chunk - 1 - i
         g = g + _row(dh_ref, t)
-        h_prev = jnp.where(t > 0, _row(h_ref, jnp.maximum(t - 1, 0)), h_before_ref[...])
+        h_prev = jnp.where(t > 0, _row(h_ref, jnp.maximum(t - 1, 0)), refs["h_before"][...])
         dx_ref[pl.ds(t, 1), :] = g
         da_ref[pl.ds(t, 1), :] = g * h_prev
         return _row(a_ref, t) * g
@@ -78,40 +78,44 @@ def _backward_kernel(
 
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
     def _():
-        dh0_ref[...] = g_ref[...]
+        refs["dh0"][...] = g_ref[...]
 
 
 def _grid(batch, time, channels, chunk):
     return (batch, channels // LANES, time // chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
-def forward(x, a, h0, *, chunk: int, interpret: bool):
+def _scratch(chunk: int, carried: str, rows: tuple[str, ...]) -> dict:
+    """A ``[1, LANES]`` carry and one float32 ``[chunk, LANES]`` buffer per name in rows."""
+    return {carried: pltpu.VMEM((1, LANES), jnp.float32), **{n: row_scratch(chunk) for n in rows}}
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def forward(x, a, h0, *, block_sizes, interpret: bool):
     """``(h [B,T,D] x.dtype, h_final [B,D] float32)``; h0 ``[B,D]`` float32."""
     batch, time, channels = x.shape
+    chunk = block_sizes.chunk
     rows = pl.BlockSpec((None, chunk, LANES), lambda b, d, c: (b, c, d))
     state = pl.BlockSpec((None, 1, LANES), lambda b, d, c: (b, 0, d))
-    h, final = pl.pallas_call(
+    out = call(
         _forward_kernel,
+        {"x": (x, rows), "a": (a, rows), "h0": (h0[:, None], state)},
+        {"h": (jax.ShapeDtypeStruct(x.shape, x.dtype), rows),
+         "final": (jax.ShapeDtypeStruct((batch, 1, channels), jnp.float32), state)},
+        scratch=_scratch(chunk, "carry", ("x32", "a32", "h32")),
         grid=_grid(batch, time, channels, chunk),
-        in_specs=[rows, rows, state],
-        out_specs=[rows, state],
-        out_shape=[
-            jax.ShapeDtypeStruct(x.shape, x.dtype),
-            jax.ShapeDtypeStruct((batch, 1, channels), jnp.float32),
-        ],
-        scratch_shapes=[pltpu.VMEM((1, LANES), jnp.float32)] + [row_scratch(chunk)] * 3,
         compiler_params=SEMANTICS,
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=interpret_params(interpret),
         name="linear_scan_forward",
-    )(x, a, h0[:, None])
-    return h, final[:, 0]
+    )
+    return out["h"], out["final"][:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
-def backward(a, h, h0, dh, dfinal, *, chunk: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def backward(a, h, h0, dh, dfinal, *, block_sizes, interpret: bool):
     """``(dx, da)`` in float32 ``[B,T,D]`` and ``dh0 [B,D]``."""
     batch, time, channels = a.shape
+    chunk = block_sizes.chunk
     n_chunks = time // chunk
     # The state before each chunk: h0, then the last row of every chunk but the last.
     h_before = jnp.concatenate([h0[:, None], h[:, chunk - 1 : -1 : chunk]], axis=1)
@@ -119,15 +123,17 @@ def backward(a, h, h0, dh, dfinal, *, chunk: int, interpret: bool):
     before = pl.BlockSpec((None, None, 1, LANES), lambda b, d, c: (b, n_chunks - 1 - c, 0, d))
     state = pl.BlockSpec((None, 1, LANES), lambda b, d, c: (b, 0, d))
     btd_f32 = jax.ShapeDtypeStruct(a.shape, jnp.float32)
-    dx, da, dh0 = pl.pallas_call(
+    out = call(
         _backward_kernel,
+        {"a": (a, rows), "h": (h, rows),
+         "h_before": (h_before.astype(jnp.float32)[:, :, None], before),
+         "dh": (dh, rows), "dfinal": (dfinal[:, None], state)},
+        {"dx": (btd_f32, rows), "da": (btd_f32, rows),
+         "dh0": (jax.ShapeDtypeStruct((batch, 1, channels), jnp.float32), state)},
+        scratch=_scratch(chunk, "g", ("a32", "h32", "dh32")),
         grid=_grid(batch, time, channels, chunk),
-        in_specs=[rows, rows, before, rows, state],
-        out_specs=[rows, rows, state],
-        out_shape=[btd_f32, btd_f32, jax.ShapeDtypeStruct((batch, 1, channels), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((1, LANES), jnp.float32)] + [row_scratch(chunk)] * 3,
         compiler_params=SEMANTICS,
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=interpret_params(interpret),
         name="linear_scan_backward",
-    )(a, h, h_before.astype(jnp.float32)[:, :, None], dh, dfinal[:, None])
-    return dx, da, dh0[:, 0]
+    )
+    return out["dx"], out["da"], out["dh0"][:, 0]

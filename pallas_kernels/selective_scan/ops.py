@@ -32,31 +32,12 @@ class BlockSizes(_platform.ScanBlockSizes):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _Config:
-    """Static choices of one call (hashable: a custom_vjp nondiff argument)."""
+class _Config(_platform.KernelConfig):
+    """Static choices of one call: the target, its block sizes, and ``dt_softplus``."""
 
-    target: _platform.KernelTarget
-    block_sizes: BlockSizes
+    BACKENDS = {"gpu": gpu, "tpu": tpu}
+
     dt_softplus: bool
-
-    @property
-    def block_d(self) -> int:
-        return self.block_sizes.block_d if self.target.backend == "gpu" else tpu.LANES
-
-    def _kernel_kwargs(self):
-        kwargs = dict(dt_softplus=self.dt_softplus, chunk=self.block_sizes.chunk,
-                      interpret=self.target.interpret)
-        if self.target.backend == "gpu":
-            return gpu, dict(kwargs, block_d=self.block_sizes.block_d)
-        return tpu, kwargs
-
-    def forward(self, *args):
-        module, kwargs = self._kernel_kwargs()
-        return module.forward(*args, **kwargs)
-
-    def backward(self, *args):
-        module, kwargs = self._kernel_kwargs()
-        return module.backward(*args, **kwargs)
 
 
 ARG_NAMES = ("x", "dt", "z", "A", "dt_bias", "D", "B", "C", "onehot", "keep", "initial_state")
@@ -64,19 +45,20 @@ ARG_NAMES = ("x", "dt", "z", "A", "dt_bias", "D", "B", "C", "onehot", "keep", "i
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(config: _Config, x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0):
-    y, final, _ = config.forward(x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0)
-    return y, final
+    return _scan_fwd(config, x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0)[0]
 
 
 def _scan_fwd(config, x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0):
-    y, final, checkpoints = config.forward(x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0)
+    y, final, checkpoints = config.kernels.forward(x, dt, z, A, dt_bias, D, B, C, onehot, keep,
+                                                   h0, **config.static)
     return (y, final), (x, dt, z, A, dt_bias, D, B, C, onehot, keep, h0, checkpoints)
 
 
 def _scan_bwd(config, residuals, cotangents):
     *inputs, h0, checkpoints = residuals
     dy, dfinal = cotangents
-    grads = config.backward(*inputs, checkpoints, dy, dfinal.astype(jnp.float32))
+    grads = config.kernels.backward(*inputs, checkpoints, dy, dfinal.astype(jnp.float32),
+                                    **config.static)
     grads.update(onehot=jnp.zeros_like(inputs[8]), keep=jnp.zeros_like(inputs[9]))
     primals = dict(zip(ARG_NAMES, (*inputs, h0)))
     return tuple(
@@ -111,21 +93,19 @@ def selective_scan(
     dims = check_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state,
                                        segment_ids)
     batch, time, channels, state, groups = (dims[k] for k in "BTDNG")
-    config = _Config(
-        target=_platform.resolve_target(backend, interpret),
-        block_sizes=block_sizes or BlockSizes(),
-        dt_softplus=dt_softplus,
-    )
+    target = _platform.resolve_target(backend, interpret)
+    config = _Config(target=target, block_sizes=(block_sizes or BlockSizes()).for_target(target),
+                     dt_softplus=dt_softplus)
     keep = 1.0 - segment_starts(segment_ids, batch, time).astype(jnp.float32)
     group = jnp.arange(channels) // (channels // groups)
     onehot = (group[:, None] == jnp.arange(groups)).astype(jnp.float32)  # [D,G]
     A, dt_bias, D = _float32(A, A.shape), _float32(dt_bias, (channels,)), _float32(D, (channels,))
     initial_state = _float32(initial_state, (batch, channels, state))
     # Padded channels have x = 0, A = 0 and no group: their state stays zero.
-    pad_d = functools.partial(pad_to_multiple, multiple=config.block_d)
+    pad_d = functools.partial(pad_to_multiple, multiple=config.block_sizes.block_d)
     # Triton tiles want power-of-2 sides: the GPU kernel gets N padded with
     # B = C = 0 and A = 0, so padded state entries stay zero and reach no output.
-    state_p = 1 << (state - 1).bit_length() if config.target.backend == "gpu" else state
+    state_p = 1 << (state - 1).bit_length() if target.backend == "gpu" else state
     pad_n = functools.partial(pad_to_multiple, multiple=state_p, axis=-1)
     y, final = _scan(
         config, pad_d(x, axis=2), pad_d(dt, axis=2), pad_d(z, axis=2),
