@@ -86,9 +86,10 @@ def check_segment_ids(segment_ids, batch: int, time: int) -> None:
 
 
 def check_linear_attention_inputs(q, k, v, log_decay, initial_state, segment_ids, chunk_size):
-    """Checks ``linear_attention``'s inputs; returns log_decay as None, [B,T,H] or [B,T,H,K] float32.
+    """Checks ``linear_attention``'s inputs; returns the log decay, normalised.
 
-    A ``[H]`` decay (one per head) is broadcast to ``[B,T,H]``.
+    The log decay comes back as None, ``[B,T,H]`` or ``[B,T,H,K]`` float32: a
+    ``[H]`` decay (one per head) is broadcast to ``[B,T,H]``.
 
     Raises:
       ValueError: naming the arrays, their shapes and the expected form.

@@ -17,7 +17,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effarch.op_contract import MASKED_LOG, chunk_segments, pad_to_multiple
+from effarch.op_contract import (
+    MASKED_LOG,
+    check_linear_attention_inputs,
+    chunk_segments,
+    pad_to_multiple,
+)
 from pallas_kernels import _platform
 from pallas_kernels.chunked_linear_attention import gpu, tpu
 
@@ -141,11 +146,11 @@ def chunked_linear_attention(q, k, v, log_decay, *, scale: float, initial_state,
 
     ``S_t = exp(log_decay_t) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``
     per head, state reset to zero where ``segment_ids`` changes. Inputs are
-    validated by ``effarch.ops.linear_attention``.
+    checked as ``effarch.ops.linear_attention`` checks them.
 
     Args:
       q, k: ``[B,T,H,K]``; v: ``[B,T,H,V]``.
-      log_decay: None, ``[B,T,H]`` or ``[B,T,H,K]`` float32 (values <= 0).
+      log_decay: None, ``[H]``, ``[B,T,H]`` or ``[B,T,H,K]`` (values <= 0).
       scale: output scale.
       initial_state: None or ``[B,H,K,V]`` float32 (feeds the first segment).
       return_final_state: return the state after the last step.
@@ -160,8 +165,11 @@ def chunked_linear_attention(q, k, v, log_decay, *, scale: float, initial_state,
       ``(o [B,T,H,V] in v.dtype, S [B,H,K,V] float32 or None)``.
 
     Raises:
-      ValueError: block sizes the chosen kernel cannot tile.
+      ValueError: shapes that fit no form, or block sizes the chosen kernel
+        cannot tile.
     """
+    log_decay = check_linear_attention_inputs(q, k, v, log_decay, initial_state, segment_ids,
+                                              chunk_size)
     target = _platform.resolve_target(backend, interpret)
     blocks = (block_sizes or BlockSizes()).for_target(target, chunk_size=chunk_size,
                                                       value_dim=v.shape[-1])

@@ -192,6 +192,14 @@ def test_bad_block_sizes_raise(backend, blocks, message):
                                  backend=backend, interpret=True, block_sizes=blocks)
 
 
+def test_shape_check_names_arrays():
+    q = jnp.zeros((1, 8, 1, 16))
+    with pytest.raises(ValueError, match="axis B of v"):
+        chunked_linear_attention(q, q, jnp.zeros((2, 8, 1, 16)), None, scale=1.0,
+                                 initial_state=None, return_final_state=False, segment_ids=None,
+                                 chunk_size=16)
+
+
 def _hardware_case(platform: str):
     if jax.default_backend() != platform:
         pytest.skip(f"needs a {platform.upper()}; default backend is {jax.default_backend()}")
