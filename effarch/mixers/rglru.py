@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from effarch import ops
 from effarch.layers.conv import ShortConv, init_conv_state
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
-from effarch.ops._common import segment_starts
+from effarch.op_contract import segment_starts
 from effarch.ops.linear_scan import SUPPORTED as _LINEAR_SCAN_SUPPORTED
 
 # The derivative of sqrt(1 - a^2) is unbounded as a -> 1; it is clipped here

@@ -39,7 +39,7 @@ from effarch import ops
 from effarch.layers.norms import HeadNorm
 from effarch.mixers._recurrence import LINEAR_ATTENTION_IMPLEMENTATIONS, merge_heads, split_heads
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
-from effarch.ops._common import segment_starts
+from effarch.op_contract import segment_starts
 
 # RWKV's per-head GroupNorm epsilon: 1e-5 * head_size_divisor**2 with divisor 8.
 GROUP_NORM_EPS = 64e-5

@@ -47,7 +47,7 @@ from effarch.layers.norms import HeadNorm
 from effarch.mixers._recurrence import LINEAR_ATTENTION_IMPLEMENTATIONS, merge_heads, split_heads
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
 from effarch.mixers.rglru import BlockDiagonalLinear
-from effarch.ops._common import segment_starts
+from effarch.op_contract import segment_starts
 
 # Initial value of the stabiliser m for an empty state (and at a segment start).
 M_INIT = 0.0
