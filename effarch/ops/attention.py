@@ -13,6 +13,11 @@ of three forms that give the same numbers within tolerance:
   saved log-sum-exp, so gradients are memory-efficient too.
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on an
   NVIDIA GPU, where its options cover the call.
+- ``"pallas"``: ``pallas_kernels.attention``: our FlashAttention-2 kernels
+  (Pallas Triton) on GPU, JAX's splash attention (or our kernels' Mosaic
+  form where splash cannot serve the call) on TPU, interpret mode on CPU.
+  Every option is supported. Verified in interpret mode and lowered, not yet
+  run on a device, so ``"auto"`` does not choose it (docs/kernels_attention.md).
 
 ``ops.decode_attention`` is the decoding step: one query per sequence against
 the filled slots of a KV cache, in time proportional to how many are filled
@@ -41,14 +46,16 @@ from effarch.op_contract import (
 )
 from effarch.ops._common import log_once, platform, resolve_implementation
 from effarch.typing import Array, Float, Int
+from pallas_kernels import attention as attention_kernel
 
 OP = "ops.attention"
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "pallas")
 
-# Logit written over masked-out entries before the max and the exp. Finite, so
+# Logit written over masked-out entries before the max and the exp (finite, so
 # that a fully masked row never computes inf - inf; masked probabilities are
-# then set to exactly 0 with a `where`, and such rows output 0.
-MASKED_LOGIT = -1e30
+# then set to exactly 0 with a `where`, and such rows output 0). One constant
+# for the XLA forms and the kernels.
+MASKED_LOGIT = attention_kernel.MASKED_LOGIT
 
 # "auto" on CPU/TPU uses "xla" while one head's logits fit in this many
 # entries, "chunked" beyond.
@@ -99,7 +106,9 @@ def attention(
       scale: logit scale, a Python float (static under jit); default ``K ** -0.5``.
       softcap: ``c > 0`` soft-caps logits to ``c * tanh(logit / c)`` (Gemma 2).
       chunk_size: block length of queries and keys in the ``"chunked"`` form.
-      implementation: ``"auto"``, ``"xla"``, ``"chunked"`` or ``"cudnn"``.
+      implementation: ``"auto"``, ``"xla"``, ``"chunked"``, ``"cudnn"`` or
+        ``"pallas"`` (``pallas_kernels.attention``; ``chunk_size`` does not
+        apply, the kernels tile with their own ``BlockSizes``).
         ``"auto"`` takes ``"cudnn"`` on a GPU where it supports the call (and
         logs once why not otherwise), else ``"xla"`` for short sequences and
         ``"chunked"`` when one head's ``T * S`` logits exceed
@@ -112,7 +121,7 @@ def attention(
       ValueError: inconsistent shapes, dtypes or options (the message names
         the arrays and the expected form).
       NotImplementedError: an implementation that cannot serve the call
-        (``"cudnn"`` off GPU or with unsupported options, ``"pallas"``).
+        (``"cudnn"`` off GPU or with unsupported options).
     """
     q_seg, kv_seg = _check_inputs(q, k, v, causal, window, segment_ids, softcap, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -132,6 +141,10 @@ def attention(
         if reason is not None:
             raise NotImplementedError(f"{OP}(implementation='cudnn'): {reason}.")
         return _attention_cudnn(q, k, v, causal=causal, window=window, scale=scale)
+    if implementation == "pallas":
+        return attention_kernel.attention(
+            q, k, v, causal=causal, window=window, segment_ids=segment_ids, scale=scale,
+            softcap=softcap)
 
     b, t, h, dk = q.shape
     hkv = k.shape[2]
