@@ -5,7 +5,9 @@
     effarch.convert.to_hf(config, params, out_path)      # transformers reads it back
 
 Layouts (``ARCHITECTURES``): transformers' ``MambaForCausalLM`` (effarch
-mixer ``mamba``) and ``Mamba2ForCausalLM`` (mixer ``mamba2``). See
+mixer ``mamba``), ``Mamba2ForCausalLM`` (``mamba2``),
+``RecurrentGemmaForCausalLM`` (``rglru`` and local ``attention``) and
+``JambaForCausalLM`` (``mamba`` with dt/B/C norms, ``attention``, MoE). See
 docs/interop.md.
 """
 

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint folders in and out: :func:`from_hf` and :func:`to_hf`.
 
-    config, params = from_hf("mamba2-130m")          # config.json + *.safetensors
+    config, params = from_hf("mamba2-130m")          # config.json + *.safetensors (any layout)
     logits, aux, _ = LM(config).apply(params, tokens)
     to_hf(config, params, "mamba2-130m-tuned")        # Mamba2ForCausalLM.from_pretrained(...)
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 import shutil
@@ -34,15 +33,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from effarch import mixers
-from effarch.convert.architectures import (
-    ARCHITECTURES,
-    EMBEDDING,
-    LAYOUTS,
-    LM_HEAD,
-    Architecture,
-    Tensor,
-)
+from effarch.convert.architectures import ARCHITECTURES, LAYOUTS, LM_HEAD, Architecture, Layout, mixer_names
 from effarch.models.config import LMConfig
 from effarch.models.lm import LM, stack_layer_params, unstack_layer_params
 
@@ -52,7 +43,7 @@ INDEX_FILE = "model.safetensors.index.json"
 # transformers refuses safetensors files without this metadata.
 SAFETENSORS_METADATA = {"format": "pt"}
 # LMConfig fields from_hf accepts as overrides: how the model runs, not what it is.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "implementation", "max_len", "remat", "scan_layers")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "implementation", "max_len", "remat", "scan_layers", "residual_in_fp32")
 # transformers >= 5 writes inf and nan in config.json as {"__float__": "Infinity"}.
 TAGGED_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
 # Problems listed in one error message before the rest are counted.
@@ -60,23 +51,22 @@ MAX_LISTED = 8
 
 PathLike = str | os.PathLike
 
-_log = logging.getLogger("effarch.convert")
-
-
 class Entry(NamedTuple):
-    """One row of a model's tensor table.
+    """One row of a model's tensor table: HF tensors and the effarch parameters they hold.
 
     Attributes:
-      path: the effarch parameter's path under ``params``.
-      layout: a key of ``LAYOUTS``.
-      shape: the effarch shape.
-      hf_shape: the HF shape.
+      hf: the safetensors names.
+      paths: the effarch parameters' paths under ``params``.
+      layout: how the two sides convert.
+      shapes: the effarch shapes.
+      hf_shapes: the HF shapes.
     """
 
-    path: tuple[str, ...]
-    layout: str
-    shape: tuple[int, ...]
-    hf_shape: tuple[int, ...]
+    hf: tuple[str, ...]
+    paths: tuple[tuple[str, ...], ...]
+    layout: Layout
+    shapes: tuple[tuple[int, ...], ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
 
 
 class Stored(NamedTuple):
@@ -119,22 +109,14 @@ def _lm_config(arch: Architecture, hf: Mapping[str, Any], overrides: Mapping[str
         raise ValueError(f"from_hf: overrides {unknown} would change the architecture; only "
                          f"{', '.join(RUNTIME_FIELDS)} may be overridden.")
     hf = {**arch.defaults, **hf}
-    dtype = jnp.dtype(overrides.get("dtype", jnp.float32))
-    if hf["residual_in_fp32"] and dtype != jnp.float32:
-        _log.warning("from_hf: %s has residual_in_fp32=true, but effarch's residual stream is in the compute "
-                     "dtype (%s), not float32: expect larger differences from transformers than %s rounding.",
-                     arch.name, dtype.name, dtype.name)
     try:
         for field, value in arch.fixed.items():
             if hf[field] != value:
-                raise ValueError(f"{field}={hf[field]!r}; effarch's {arch.mixer} mixer implements only "
-                                 f"{field}={value!r}")
-        return LMConfig(
-            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            pattern=arch.letter, mixers={arch.letter: (arch.mixer, arch.mixer_options(hf))}, mlp="none",
-            tie_embeddings=bool(hf["tie_word_embeddings"]), norm_eps=float(hf["layer_norm_epsilon"]),
-            **overrides,
-        )
+                raise ValueError(f"{field}={hf[field]!r}; effarch implements {arch.name} with {field}={value!r} "
+                                 "only")
+        fields = {**arch.lm_fields(hf), **overrides}
+        return LMConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                        tie_embeddings=bool(hf["tie_word_embeddings"]), **fields)
     except KeyError as err:
         raise ValueError(f"{where} ({arch.name}): no field {err} (and no default for it)") from err
     except ValueError as err:
@@ -143,35 +125,49 @@ def _lm_config(arch: Architecture, hf: Mapping[str, Any], overrides: Mapping[str
 
 def _architecture_for(config: LMConfig) -> Architecture:
     """The layout of an effarch config, or a ValueError saying why there is none."""
-    layer_mixers = {spec.mixer for spec in config.layer_specs}
-    names = sorted({type(m).__name__ for m in layer_mixers})
-    matching = [a for a in ARCHITECTURES.values() if {type(m) for m in layer_mixers} == {mixers.config_class(a.mixer)}]
-    layouts = ", ".join(f"{a.mixer} ({a.name})" for a in ARCHITECTURES.values())
-    if not matching:
-        raise ValueError(f"to_hf: the layers use {names}; a transformers layout exists for models whose every "
-                         f"layer is one of: {layouts}.")
-    arch = matching[0]
-    if len(layer_mixers) != 1:
-        raise ValueError(f"to_hf: the layers' {arch.mixer} options differ ({len(layer_mixers)} distinct configs); "
-                         f"{arch.name} has one set of options for every layer.")
+    names = mixer_names(config)
+    present = set(names)
+    candidates = [a for a in ARCHITECTURES.values() if a.mixers[0] in present and present <= set(a.mixers)]
+    if not candidates:
+        used = sorted({type(spec.mixer).__name__ for spec in config.layer_specs})
+        layouts = "; ".join(f"{' and '.join(a.mixers)} ({a.name})" for a in ARCHITECTURES.values())
+        raise ValueError(f"to_hf: the layers use {used}; a transformers layout exists for models whose layers "
+                         f"are: {layouts}.")
+    by_mixer = {name: {spec.mixer for spec, n in zip(config.layer_specs, names) if n == name} for name in present}
+
+    def selected(arch):
+        return all(getattr(cfg, option) == value for mixer, options in arch.selects.items()
+                   for cfg in by_mixer.get(mixer, ()) for option, value in options.items())
+
+    arch = next((a for a in candidates if selected(a)), None)
+    if arch is None:
+        arch = candidates[0]
+        wanted = ", ".join(f"{mixer} {option}={value!r}" for mixer, options in arch.selects.items()
+                           for option, value in options.items())
+        have = ", ".join(sorted({f"{mixer} {option}={getattr(cfg, option)!r}" for mixer, options in arch.selects.items()
+                                 for cfg in by_mixer.get(mixer, ()) for option in options}))
+        raise ValueError(f"to_hf: {arch.name} (the layout of {' and '.join(arch.mixers)} layers) needs {wanted}; "
+                         f"the layers have {have}.")
+    for name, configs in sorted(by_mixer.items()):
+        if len(configs) != 1:
+            raise ValueError(f"to_hf: the layers' {name} options differ ({len(configs)} distinct configs); "
+                             f"{arch.name} has one set of options for every {name} layer.")
     problems = []
-    if config.mlp != "none":
-        problems.append(f"mlp={config.mlp!r}, but {arch.name} blocks have no MLP (use mlp='none')")
     if config.mod_capacity is not None:
         problems.append(f"mod_capacity={config.mod_capacity}, but {arch.name} has no Mixture-of-Depths routers")
-    if next(iter(layer_mixers)).projection != "dense":
-        problems.append(f"projection={next(iter(layer_mixers)).projection!r}; {arch.name} has dense projections")
+    projections = sorted({spec.mixer.projection for spec in config.layer_specs} | {config.projection})
+    if projections != ["dense"]:
+        problems.append(f"projection={config.projection!r}; {arch.name} has dense projections")
     _raise("to_hf", problems)
     return arch
 
 
 def _hf_config(arch: Architecture, config: LMConfig, base: Mapping[str, Any] | None) -> dict[str, Any]:
     """``config.json`` for ``config``: ``base``'s fields, then the architecture's."""
-    mixer = config.layer_specs[0].mixer
     try:
-        fields = arch.hf_fields(mixer, config)
+        fields = arch.hf_fields(config)
     except ValueError as err:
-        raise ValueError(f"to_hf ({arch.name}): {err}") from err
+        raise ValueError(f"to_hf ({arch.name}): {err}.") from err
     base = {k: v for k, v in (base or {}).items() if k not in ("dtype", "torch_dtype")}
     return {
         **base,
@@ -181,10 +177,7 @@ def _hf_config(arch: Architecture, config: LMConfig, base: Mapping[str, Any] | N
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layers,
-        "layer_norm_epsilon": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
-        # effarch's residual stream is in the compute dtype.
-        "residual_in_fp32": jnp.dtype(config.dtype) == jnp.float32,
         "dtype": jnp.dtype(config.param_dtype).name,
         **fields,
     }
@@ -198,24 +191,26 @@ def _effarch_shapes(config: LMConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(variables["params"]).items()}
 
 
-def _tensor_table(arch: Architecture, config: LMConfig) -> dict[str, Entry]:
-    """HF name -> Entry for every tensor of ``config``'s model (no LM head when tied)."""
+def _tensor_table(arch: Architecture, config: LMConfig, variant: str) -> list[Entry]:
+    """Every tensor group of ``config``'s model in the layout's ``variant`` (no LM head when tied)."""
     shapes = _effarch_shapes(config)
-    tensors = list(arch.tensors)
-    for i in range(config.n_layers):
-        tensors += [Tensor(t.hf.format(i=i), tuple(p.format(i=i) for p in t.effarch), t.layout)
-                    for t in arch.layer_tensors]
-    if not config.tie_embeddings:
-        tensors.append(LM_HEAD)
-    table = {}
+    tensors = arch.tensors(config, variant) + ([] if config.tie_embeddings else [LM_HEAD])
+    table = []
     for t in tensors:
-        shape = shapes.pop(t.effarch)
-        table[t.hf] = Entry(t.effarch, t.layout, shape, LAYOUTS[t.layout].hf_shape(shape))
+        layout = LAYOUTS[t.layout] if isinstance(t.layout, str) else t.layout
+        ours = tuple(shapes.pop(p) for p in t.effarch)
+        theirs = tuple(tuple(s) for s in layout.hf_shapes(ours))
+        table.append(Entry(t.hf, t.effarch, layout, ours, theirs))
     if shapes:
         unmapped = ", ".join("/".join(p) for p in shapes)
         raise NotImplementedError(f"{arch.name}: effarch parameters {unmapped} have no HF tensor in the table "
-                                  "(effarch/convert/architectures.py); the mixer has changed since.")
+                                  "(effarch/convert/architectures.py); the model has changed since.")
     return table
+
+
+def _hf_names(table: list[Entry]) -> dict[str, tuple[int, ...]]:
+    """HF name -> expected HF shape, over the whole table."""
+    return {name: shape for entry in table for name, shape in zip(entry.hf, entry.hf_shapes)}
 
 
 def _untag_floats(value: Any) -> Any:
@@ -271,17 +266,17 @@ def _stored_tensors(folder: pathlib.Path) -> dict[str, Stored]:
     return stored
 
 
-def _check_stored(arch: Architecture, table: Mapping[str, Entry], stored: Mapping[str, Stored],
+def _check_stored(arch: Architecture, table: list[Entry], stored: Mapping[str, Stored],
                   optional: set[str], where: str) -> None:
     """Every table tensor present with its shape, nothing else (but ``optional``)."""
     problems = []
-    for name, entry in table.items():
+    expected = _hf_names(table)
+    for name, shape in expected.items():
         if name not in stored:
-            problems.append(f"missing tensor {name} (expected shape {_shape(entry.hf_shape)})")
-        elif stored[name].shape != entry.hf_shape:
-            problems.append(f"tensor {name} has shape {_shape(stored[name].shape)}; expected "
-                            f"{_shape(entry.hf_shape)}")
-    for name in sorted(set(stored) - set(table) - optional):
+            problems.append(f"missing tensor {name} (expected shape {_shape(shape)})")
+        elif stored[name].shape != shape:
+            problems.append(f"tensor {name} has shape {_shape(stored[name].shape)}; expected {_shape(shape)}")
+    for name in sorted(set(stored) - set(expected) - optional):
         problems.append(f"unexpected tensor {name} {_shape(stored[name].shape)} ({arch.name} has no such tensor)")
     _raise(where, problems)
 
@@ -308,7 +303,7 @@ def from_hf(path: PathLike, **overrides) -> tuple[LMConfig, dict[str, Any]]:
       **overrides: LMConfig fields that say how the model runs, not what it
         is: ``dtype``, ``param_dtype`` (the tensors are cast to it; default
         float32), ``implementation``, ``max_len``, ``remat``, ``scan_layers``
-        (the parameters are then stacked for it).
+        (the parameters are then stacked for it), ``residual_in_fp32``.
 
     Returns:
       ``(config, variables)``: an LMConfig and ``{"params": ...}`` for
@@ -326,36 +321,40 @@ def from_hf(path: PathLike, **overrides) -> tuple[LMConfig, dict[str, Any]]:
     hf = _read_json(folder / CONFIG_FILE, "from_hf")
     arch = _architecture_of(hf, where)
     config = _lm_config(arch, hf, overrides, where)
-    table = _tensor_table(arch, config)
     stored = _stored_tensors(folder)
+    # The first spelling of the table whose names are all stored; the first one names what is missing.
+    tables = [_tensor_table(arch, config, variant) for variant in arch.variants]
+    table = next((t for t in tables if set(_hf_names(t)) <= set(stored)), tables[0])
     # A tied checkpoint may still carry the head; it must then be the embedding.
-    optional = {LM_HEAD.hf} if config.tie_embeddings else set()
+    head = LM_HEAD.hf[0]
+    optional = {head} if config.tie_embeddings else set()
     _check_stored(arch, table, stored, optional, f"from_hf: {folder}")
-    arrays = _load(stored, [*table, *(optional & set(stored))])
-    if LM_HEAD.hf in optional and LM_HEAD.hf in arrays:
-        if not np.array_equal(arrays.pop(LM_HEAD.hf), arrays[EMBEDDING.hf]):
-            raise ValueError(f"from_hf: {folder}: tie_word_embeddings is true but {LM_HEAD.hf} differs from "
-                             f"{EMBEDDING.hf}; set tie_word_embeddings=false in {CONFIG_FILE} to keep both.")
-    flat = {entry.path: jnp.asarray(LAYOUTS[entry.layout].from_hf(arrays[name]), config.param_dtype)
-            for name, entry in table.items()}
+    arrays = _load(stored, [*_hf_names(table), *(optional & set(stored))])
+    if head in optional and head in arrays:
+        if not np.array_equal(arrays.pop(head), arrays[arch.embedding]):
+            raise ValueError(f"from_hf: {folder}: tie_word_embeddings is true but {head} differs from "
+                             f"{arch.embedding}; set tie_word_embeddings=false in {CONFIG_FILE} to keep both.")
+    flat = {}
+    for entry in table:
+        values = entry.layout.from_hf([arrays.pop(name) for name in entry.hf])
+        flat.update({p: jnp.asarray(v, config.param_dtype) for p, v in zip(entry.paths, values)})
     variables = {"params": traverse_util.unflatten_dict(flat)}
     if config.scan_layers:
         variables = stack_layer_params(variables, config)
     return config, variables
 
 
-def _check_params(table: Mapping[str, Entry], flat: Mapping[tuple[str, ...], Any]) -> None:
+def _check_params(table: list[Entry], flat: Mapping[tuple[str, ...], Any]) -> None:
     """The effarch parameters are exactly the table's, with its shapes."""
     problems = []
-    for entry in table.values():
-        name = "/".join(entry.path)
-        if entry.path not in flat:
-            problems.append(f"params has no {name} (expected shape {_shape(entry.shape)})")
-        elif tuple(np.shape(flat[entry.path])) != entry.shape:
-            problems.append(f"params {name} has shape {_shape(np.shape(flat[entry.path]))}; expected "
-                            f"{_shape(entry.shape)}")
-    expected = {entry.path for entry in table.values()}
-    for path in sorted(set(flat) - expected):
+    expected = {p: shape for entry in table for p, shape in zip(entry.paths, entry.shapes)}
+    for path, shape in expected.items():
+        name = "/".join(path)
+        if path not in flat:
+            problems.append(f"params has no {name} (expected shape {_shape(shape)})")
+        elif tuple(np.shape(flat[path])) != shape:
+            problems.append(f"params {name} has shape {_shape(np.shape(flat[path]))}; expected {_shape(shape)}")
+    for path in sorted(set(flat) - set(expected)):
         problems.append(f"unexpected params entry {'/'.join(path)} {_shape(np.shape(flat[path]))} "
                         "(no tensor of the layout holds it)")
     _raise("to_hf", problems)
@@ -386,8 +385,9 @@ def to_hf(config: LMConfig, params: Mapping[str, Any], path: PathLike, *,
     no ``lm_head.weight`` (transformers ties it to the embedding).
 
     Args:
-      config: the model's LMConfig; every layer one mixer with one set of
-        options, a layout for it in ``ARCHITECTURES``, ``mlp="none"``.
+      config: the model's LMConfig, of mixers and options a layout in
+        ``ARCHITECTURES`` holds (each mixer with one set of options for all
+        its layers; docs/interop.md lists what each layout refuses).
       params: ``{"params": ...}`` as from ``LM.init`` or :func:`from_hf`
         (boxed or not; scanned when ``config.scan_layers``).
       path: a new folder, or an empty one; written only once complete.
@@ -403,7 +403,7 @@ def to_hf(config: LMConfig, params: Mapping[str, Any], path: PathLike, *,
     path = pathlib.Path(path)
     arch = _architecture_for(config)
     config_json = _hf_config(arch, config, base_config)
-    table = _tensor_table(arch, config)
+    table = _tensor_table(arch, config, arch.variants[0])
     if not isinstance(params, Mapping) or "params" not in params:
         raise ValueError("to_hf: params must be the variables {'params': ...} (as LM.init returns); got "
                          f"{type(params).__name__} with keys {sorted(params) if isinstance(params, Mapping) else []}.")
@@ -414,6 +414,8 @@ def to_hf(config: LMConfig, params: Mapping[str, Any], path: PathLike, *,
     _check_params(table, flat)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"to_hf: {path} exists and is not an empty folder; choose a new path.")
-    tensors = {name: np.ascontiguousarray(LAYOUTS[entry.layout].to_hf(np.asarray(flat[entry.path])))
-               for name, entry in table.items()}
+    tensors = {}
+    for entry in table:
+        values = entry.layout.to_hf([np.asarray(flat[p]) for p in entry.paths])
+        tensors.update({name: np.ascontiguousarray(v) for name, v in zip(entry.hf, values)})
     _write_folder(path, config_json, tensors)

@@ -6,6 +6,9 @@ has room for ``capacity = ceil(capacity_factor * N * top_k / E)`` tokens (N
 tokens in the call); assignments beyond that are dropped (the token keeps only
 its residual path for that choice) and counted. First choices of all tokens
 take precedence over second choices (GShard's priority), then token order.
+``capacity_factor=None`` drops nothing: every expert has room for all N tokens
+(the dropless MoE of Mixtral and Jamba, at the price of an ``[E, N, D]``
+buffer).
 
 Dispatch sorts the ``N * top_k`` assignments by expert, gives each its rank in
 the expert's queue, and gathers the tokens into an ``[E, capacity, D]`` buffer;
@@ -46,6 +49,7 @@ class MoEConfig:
       top_k: experts per token (1 = Switch, 2 = GShard / Mixtral).
       capacity_factor: slack of each expert's buffer over a perfectly even
         split; ``capacity = ceil(capacity_factor * N * top_k / E)`` tokens.
+        None: no token is ever dropped (capacity N).
       aux_loss_weight: weight of the load-balancing loss in the model's
         ``aux_loss``.
       d_ff: hidden width of each expert; None takes the model's ``d_ff``.
@@ -53,7 +57,7 @@ class MoEConfig:
 
     num_experts: int = 8
     top_k: int = 2
-    capacity_factor: float = 1.25
+    capacity_factor: float | None = 1.25
     aux_loss_weight: float = 0.01
     d_ff: int | None = None
 
@@ -64,20 +68,23 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig: top_k={self.top_k!r}; expected an int in [1, num_experts={self.num_experts}]."
             )
-        if not self.capacity_factor > 0:
-            raise ValueError(f"MoEConfig: capacity_factor={self.capacity_factor!r}; expected > 0.")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"MoEConfig: capacity_factor={self.capacity_factor!r}; expected > 0, or None "
+                             "(drop nothing).")
         if not self.aux_loss_weight >= 0:
             raise ValueError(f"MoEConfig: aux_loss_weight={self.aux_loss_weight!r}; expected >= 0.")
         if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
             raise ValueError(f"MoEConfig: d_ff={self.d_ff!r}; expected None or an int >= 1.")
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int:
     """Tokens each expert can take: ``ceil(capacity_factor * N * k / E)``, within [1, N].
 
     An expert never receives more than N assignments (a token's k choices are
-    distinct experts), so N is always enough.
+    distinct experts), so N is always enough: ``capacity_factor=None`` gives N.
     """
+    if capacity_factor is None:
+        return num_tokens
     return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
@@ -146,7 +153,7 @@ def moe_forward(
     w_down: jax.Array,
     *,
     top_k: int,
-    capacity_factor: float,
+    capacity_factor: float | None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The MoE MLP on a flat batch of tokens.
 

@@ -33,15 +33,22 @@ def layer_normalize(x: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich, 2019) over the last axis: ``x / rms(x) * scale``.
 
+    With ``zero_centered`` the parameter is stored as the scale's offset from
+    one, ``x / rms(x) * (1 + scale)``, initialised to 0 (Gemma, RecurrentGemma,
+    Qwen3-Next): the same function, another parameterisation (weight decay
+    pulls the scale towards 1, not 0).
+
     Attributes:
       eps: added to the mean square.
       use_scale: learn a per-channel scale (initialised to 1).
+      zero_centered: store the scale as ``scale - 1``.
       dtype: output dtype.
       param_dtype: dtype of the scale.
     """
 
     eps: float = DEFAULT_EPS
     use_scale: bool = True
+    zero_centered: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -50,7 +57,9 @@ class RMSNorm(nn.Module):
         """``x [..., D] -> [..., D]``."""
         y = rms_normalize(x, self.eps)
         if self.use_scale:
-            y = y * self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+            init = nn.initializers.zeros if self.zero_centered else nn.initializers.ones
+            scale = self.param("scale", init, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+            y = y * (1.0 + scale if self.zero_centered else scale)
         return y.astype(self.dtype)
 
 

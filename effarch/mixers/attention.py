@@ -52,6 +52,7 @@ class AttentionConfig(MixerConfig):
       qk_norm: RMS-normalise q and k per head before the rotation.
       softcap: ``c`` soft-caps logits to ``c * tanh(logit / c)`` (None: off).
       use_bias: biases on the q, k, v projections.
+      out_bias: a bias on the output projection (RecurrentGemma has one).
       chunk_size: block length of the ``"chunked"`` implementation.
     """
 
@@ -72,6 +73,7 @@ class AttentionConfig(MixerConfig):
     qk_norm: bool = False
     softcap: float | None = None
     use_bias: bool = False
+    out_bias: bool = False
     chunk_size: int = 256
 
     def __post_init__(self):
@@ -157,7 +159,7 @@ class Attention(Mixer):
             o, cache = self.decode_step(q, k, v, cache)
         else:
             o, cache = self.extend(q, k, v, cache, attend)
-        return self.proj(cfg.d_model, "o_proj")(rec.merge_heads(o)), cache
+        return self.proj(cfg.d_model, "o_proj", use_bias=cfg.out_bias)(rec.merge_heads(o)), cache
 
     @nn.nowrap
     def decode_step(self, q, k, v, cache: KVCache):

@@ -6,6 +6,7 @@ Per inner channel d with a diagonal state ``h [N]`` (paper Alg. 2)::
     x, z   = in_proj(u)                              # two branches of width E*D
     x      = silu(causal_depthwise_conv(x))
     dt, B, C = split(x_proj(x))                      # dt low-rank (dt_rank), B, C [N]
+    dt, B, C = rmsnorm(dt), rmsnorm(B), rmsnorm(C)   # only with dt_bc_norm (Jamba)
     dt     = softplus(dt_proj(dt) + dt_bias)
     h_t    = exp(dt_t A) h_{t-1} + dt_t B_t x_t      # A = -exp(A_log), S4D-real init
     y_t    = (C_t . h_t + D x_t) * silu(z_t)
@@ -13,7 +14,9 @@ Per inner channel d with a diagonal state ``h [N]`` (paper Alg. 2)::
 
 ``ops.selective_scan`` computes the scan, the D skip and the z gate. The
 ``dt_bias`` initialisation (inverse softplus of a log-uniform ``dt``) is shared
-with Mamba-2.
+with Mamba-2. ``dt_bc_norm`` adds Jamba's three RMSNorms with learned scales
+(Lieber et al., 2024, sec. 3: they stabilise training at scale) on the
+low-rank dt, on B and on C, before dt_proj and the scan.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 
 from effarch import ops
 from effarch.layers.conv import ShortConv, init_conv_state
+from effarch.layers.norms import RMSNorm
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
 from effarch.ops.selective_scan import SUPPORTED as _SELECTIVE_SCAN_SUPPORTED
 
@@ -66,11 +70,15 @@ class MambaConfig(MixerConfig):
       dt_rank: rank of the dt projection (None: ``ceil(D / 16)``).
       dt_min, dt_max: range of the initial step sizes.
       dt_init_floor: smallest initial step size.
+      dt_bc_norm: RMS-normalise the low-rank dt, B and C, each with a learned
+        scale (Jamba's ``dt_layernorm``, ``b_layernorm``, ``c_layernorm``).
+      dt_bc_norm_eps: epsilon of those three norms.
     """
 
     IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = tuple(i for i in _SELECTIVE_SCAN_SUPPORTED if i != "auto")
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"d_state": 4, "expand": 2},
+        "tiny_jamba": {"d_state": 4, "expand": 2, "dt_bc_norm": True},
         "paper": {"d_state": 16, "d_conv": 4, "expand": 2},
     }
 
@@ -81,12 +89,16 @@ class MambaConfig(MixerConfig):
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
+    dt_bc_norm: bool = False
+    dt_bc_norm_eps: float = 1e-6
 
     def __post_init__(self):
         super().__post_init__()
         for field in ("d_state", "d_conv", "expand"):
             if getattr(self, field) < 1:
                 raise ValueError(f"mamba: {field}={getattr(self, field)}; expected >= 1.")
+        if not self.dt_bc_norm_eps > 0:
+            raise ValueError(f"mamba: dt_bc_norm_eps={self.dt_bc_norm_eps}; expected > 0.")
         if self.dt_rank is not None and self.dt_rank < 1:
             raise ValueError(f"mamba: dt_rank={self.dt_rank}; expected >= 1 or None.")
         check_dt_range("mamba", self.dt_min, self.dt_max, self.dt_init_floor)
@@ -155,6 +167,11 @@ class Mamba(Mixer):
             u, None if cache is None else cache.conv, segment_ids=segment_ids)
         dt_bc = self.proj(r + 2 * n, "x_proj")(u)
         dt_low, b_in, c_out = dt_bc[..., :r], dt_bc[..., r : r + n], dt_bc[..., r + n :]
+        if cfg.dt_bc_norm:
+            norm = dict(eps=cfg.dt_bc_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            dt_low = RMSNorm(**norm, name="dt_norm")(dt_low)  # [B,T,R]
+            b_in = RMSNorm(**norm, name="b_norm")(b_in)  # [B,T,N]
+            c_out = RMSNorm(**norm, name="c_norm")(c_out)  # [B,T,N]
         # mamba_simple: dt_proj weights uniform in +-dt_rank^-0.5.
         dt = self.proj(di, "dt_proj", kernel_init=symmetric_uniform(r**-0.5))(dt_low)  # [B,T,E*D]
         dt_bias = self.param("dt_bias", dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), (di,),

@@ -24,7 +24,11 @@ from effarch.layers.mlp import default_width
 from effarch.layers.moe import MoEConfig
 from effarch.mixers.base import MixerConfig
 
-MLP_KINDS = ("swiglu", "moe", "none")
+MLP_KINDS = ("swiglu", "geglu", "moe", "none")
+# The dense MLP kinds and their gate activations (effarch.layers.mlp.ACTIVATIONS).
+DENSE_MLP_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_tanh"}
+# The dense kind of the layers of an ``mlp="moe"`` model that ``moe_every`` leaves without experts.
+MOE_DENSE_KIND = "swiglu"
 
 # Letter -> (registered mixer name, options). ``LMConfig.mixers`` is merged
 # over this, so a config only names the letters it changes.
@@ -48,11 +52,12 @@ RECURRENT_LETTER = "M"
 
 
 class LayerSpec(NamedTuple):
-    """What one layer is: its pattern letter, its mixer's config, whether MoD routes it."""
+    """What one layer is: its pattern letter, its mixer's config, whether MoD routes it, its MLP kind."""
 
     letter: str
     mixer: MixerConfig
     mod: bool
+    mlp: str
 
 
 def _freeze(value: Any) -> Any:
@@ -106,18 +111,32 @@ class LMConfig:
       mixer_preset: a named option set of every mixer's config (e.g. ``"tiny"``),
         under the options above.
       layer_options: layer index -> mixer options overriding that layer only.
-      mlp: ``"swiglu"``, ``"moe"`` or ``"none"`` (mixer-only blocks).
+      mlp: ``"swiglu"``, ``"geglu"`` (tanh-GELU gate), ``"moe"`` or ``"none"``
+        (mixer-only blocks).
       d_ff: MLP hidden width; None: ``8/3 * d_model`` rounded up to 32.
+      mlp_bias: biases on the dense MLP projections (not on MoE experts).
       moe: MoE options (used when ``mlp == "moe"``); a MoEConfig or a mapping.
+      moe_every, moe_offset: with ``mlp == "moe"``, layer ``i`` is an MoE layer
+        when ``i % moe_every == moe_offset`` and a dense SwiGLU of width
+        ``d_ff`` otherwise (Jamba's ``expert_layer_period`` / ``_offset``);
+        the defaults make every layer MoE.
       mod_capacity: Mixture-of-Depths: fraction of tokens per sequence the
         routed layers process; None disables MoD.
       mod_every: with MoD on, layers ``i`` with ``i % mod_every == mod_every - 1``
         are routed (every other layer by default, as in the paper).
       tie_embeddings: the output projection is the transposed embedding.
+      embed_scale: multiplies the embeddings on the way in (not the tied
+        output head); None: 1. Gemma models use ``sqrt(d_model)``.
+      logits_softcap: ``c`` soft-caps the logits to ``c * tanh(logits / c)``
+        (Gemma 2, RecurrentGemma); None: off.
       scan_layers: run repeated groups of layers with ``nn.scan`` (one
         compiled group; parameters stacked on a leading "layers" axis).
       remat: rematerialise each block in the backward pass (``nn.remat``).
       norm_eps: RMSNorm epsilon.
+      norm_zero_centered: the block and final RMSNorm scales are stored as
+        offsets from 1, ``x / rms(x) * (1 + scale)`` (Gemma, Qwen3-Next).
+      residual_in_fp32: keep the residual stream in float32 whatever the
+        compute dtype (transformers' Mamba models do); False: in ``dtype``.
       dtype: compute dtype of activations.
       param_dtype: dtype parameters are stored in.
       projection: ``"dense"`` or ``"bitlinear"`` for the mixers' and MLPs'
@@ -153,13 +172,20 @@ class LMConfig:
     layer_options: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     mlp: str = "swiglu"
     d_ff: int | None = None
+    mlp_bias: bool = False
     moe: MoEConfig = MoEConfig()
+    moe_every: int = 1
+    moe_offset: int = 0
     mod_capacity: float | None = None
     mod_every: int = 2
     tie_embeddings: bool = True
+    embed_scale: float | None = None
+    logits_softcap: float | None = None
     scan_layers: bool = False
     remat: bool = False
     norm_eps: float = 1e-6
+    norm_zero_centered: bool = False
+    residual_in_fp32: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     projection: str = "dense"
@@ -212,6 +238,19 @@ class LMConfig:
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if not isinstance(self.moe, MoEConfig):
             fail("moe", "a MoEConfig or a mapping of its fields")
+        if not isinstance(self.moe_every, int) or self.moe_every < 1:
+            fail("moe_every", "a positive int")
+        if not isinstance(self.moe_offset, int) or not 0 <= self.moe_offset < self.moe_every:
+            fail("moe_offset", f"an int in [0, moe_every={self.moe_every})")
+        if self.mlp == "moe" and self.moe_offset >= self.n_layers:
+            raise ValueError(
+                f"LMConfig: mlp='moe' with moe_offset={self.moe_offset} and n_layers={self.n_layers}: no layer "
+                f"i < n_layers has i % moe_every == moe_offset; use mlp='swiglu' for a model without experts."
+            )
+        for field in ("embed_scale", "logits_softcap"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                fail(field, "None or a positive float")
         if self.mlp == "moe" and self.projection != "dense":
             raise ValueError(
                 f"LMConfig: mlp='moe' with projection={self.projection!r}; MoE experts are dense "
@@ -289,7 +328,10 @@ class LMConfig:
             except ValueError as err:
                 raise ValueError(f"LMConfig: layer {i} (letter {letter!r}): {err}") from err
             mod = self.mod_capacity is not None and i % self.mod_every == self.mod_every - 1
-            specs.append(LayerSpec(letter, mixer, mod))
+            mlp = self.mlp
+            if mlp == "moe" and i % self.moe_every != self.moe_offset:
+                mlp = MOE_DENSE_KIND
+            specs.append(LayerSpec(letter, mixer, mod, mlp))
         return tuple(specs)
 
     @property

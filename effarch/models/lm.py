@@ -1,9 +1,9 @@
 """The language model: embeddings, a pattern of pre-norm mixer + MLP blocks, logits.
 
-    x = embed(tokens)                                  # [B,T,D]
+    x = embed(tokens) * embed_scale                    # [B,T,D]
     for each layer:  x = x + mixer(norm(x))            # attention, Mamba-2, ... by pattern
-                     x = x + mlp(norm(x))              # SwiGLU or MoE (or none)
-    logits = final_norm(x) @ embed^T                   # [B,T,vocab] float32 (tied)
+                     x = x + mlp(norm(x))              # SwiGLU, GeGLU or MoE (or none), per layer
+    logits = softcap(final_norm(x) @ embed^T)          # [B,T,vocab] float32 (tied)
 
 Usage::
 
@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 
 from effarch import mixers
-from effarch.layers.mlp import SwiGLU
+from effarch.layers.mlp import GatedMLP
 from effarch.layers.mod import MoDRouter, mixture_of_depths, selected_count
 from effarch.layers.moe import MoE
 from effarch.layers.norms import RMSNorm
-from effarch.models.config import LayerSpec, LMConfig
+from effarch.models.config import DENSE_MLP_ACTIVATIONS, LayerSpec, LMConfig
 
 # Logical axis names of the model's own parameters (docs/models.md).
 EMBED_AXES = ("vocab", "embed")
@@ -70,15 +70,17 @@ class Block(nn.Module):
 
     def setup(self):
         cfg = self.config
-        norm = dict(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        norm = dict(eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered, dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype)
         self.mixer_norm = RMSNorm(**norm)
         self.mixer = mixers.from_config(self.spec.mixer)
-        if cfg.mlp != "none":
+        if self.spec.mlp != "none":
             self.mlp_norm = RMSNorm(**norm)
-        if cfg.mlp == "swiglu":
-            self.mlp = SwiGLU(d_ff=cfg.mlp_width, projection=cfg.projection, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype)
-        elif cfg.mlp == "moe":
+        if self.spec.mlp in DENSE_MLP_ACTIVATIONS:
+            self.mlp = GatedMLP(d_ff=cfg.mlp_width, activation=DENSE_MLP_ACTIVATIONS[self.spec.mlp],
+                                use_bias=cfg.mlp_bias, projection=cfg.projection, dtype=cfg.dtype,
+                                param_dtype=cfg.param_dtype)
+        elif self.spec.mlp == "moe":
             self.mlp = MoE(config=cfg.moe, d_ff=cfg.mlp_width, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         if self.spec.mod:
             self.router = MoDRouter(param_dtype=cfg.param_dtype)
@@ -88,9 +90,9 @@ class Block(nn.Module):
         h, cache = self.mixer(self.mixer_norm(x), cache, segment_ids=segment_ids)
         x = x + h.astype(x.dtype)
         aux = {}
-        if self.config.mlp == "swiglu":
+        if self.spec.mlp in DENSE_MLP_ACTIVATIONS:
             x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
-        elif self.config.mlp == "moe":
+        elif self.spec.mlp == "moe":
             y, aux = self.mlp(self.mlp_norm(x))
             x = x + y.astype(x.dtype)
         return x, cache, aux
@@ -193,6 +195,9 @@ class LM(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(EMBED_INIT_STD), EMBED_AXES),
         )
         x = embed(tokens)  # [B, T, D]
+        if cfg.embed_scale is not None:
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        x = x.astype(jnp.float32 if cfg.residual_in_fp32 else cfg.dtype)  # the residual stream
 
         if cfg.scan_layers:
             groups = nn.scan(
@@ -223,26 +228,31 @@ class LM(nn.Module):
                     f"B={tokens.shape[0]} like tokens."
                 )
             x = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)  # [B, P, D]
-        x = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
+        x = RMSNorm(eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered, dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             head = embed.embedding.T  # [D, vocab]
         else:
             init = nn.with_logical_partitioning(nn.initializers.normal(EMBED_INIT_STD), UNEMBED_AXES)
             head = self.param("unembed", init, (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), self._aux(total), cache
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.dtype),
+                            preferred_element_type=jnp.float32).astype(jnp.float32)
+        if cfg.logits_softcap is not None:
+            logits = cfg.logits_softcap * jnp.tanh(logits / cfg.logits_softcap)
+        return logits, self._aux(total), cache
 
     @nn.nowrap
     def _aux(self, total: dict) -> dict[str, jax.Array]:
         """Means of the per-layer metrics and the weighted ``aux_loss``."""
         cfg = self.config
         aux = {}
-        if cfg.mlp == "moe":
-            aux.update({k: total[k] / cfg.n_layers for k in MOE_METRICS})
+        n_moe = sum(spec.mlp == "moe" for spec in cfg.layer_specs)
+        if n_moe:
+            aux.update({k: total[k] / n_moe for k in MOE_METRICS})
         n_mod = sum(spec.mod for spec in cfg.layer_specs)
         if n_mod:
             aux.update({k: total[k] / n_mod for k in MOD_METRICS})
-        aux_loss = cfg.moe.aux_loss_weight * aux["moe_aux_loss"] if cfg.mlp == "moe" else 0.0
+        aux_loss = cfg.moe.aux_loss_weight * aux["moe_aux_loss"] if n_moe else 0.0
         aux["aux_loss"] = jnp.asarray(aux_loss, jnp.float32)
         return aux
 

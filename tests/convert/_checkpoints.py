@@ -33,6 +33,32 @@ CASES = {
     "mamba2-untied": ("Mamba2Config", dict(hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=1,
                                            expand=2, conv_kernel=4, chunk_size=8, num_hidden_layers=2,
                                            layer_norm_epsilon=1e-6, tie_word_embeddings=False)),
+    # An RG-LRU wider than D, multi-query local attention narrower than T, 4 layers of the
+    # (recurrent, recurrent, attention) cycle (not a multiple of it), a soft cap the logits reach.
+    "rgemma-tied": ("RecurrentGemmaConfig", dict(hidden_size=32, lru_width=48, num_attention_heads=4,
+                                                 num_key_value_heads=1, attention_window_size=4, conv1d_width=3,
+                                                 intermediate_size=88, num_hidden_layers=4, logits_soft_cap=3.0,
+                                                 tie_word_embeddings=True)),
+    "rgemma-untied": ("RecurrentGemmaConfig", dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                                   attention_window_size=6, attention_bias=True, conv1d_width=4,
+                                                   intermediate_size=64, num_hidden_layers=3, rms_norm_eps=1e-5,
+                                                   block_types=["recurrent", "attention"],
+                                                   rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                                                    "partial_rotary_factor": 0.5},
+                                                   tie_word_embeddings=False)),
+    # Mamba (with its dt/B/C norms) and attention alternating, MoE on the Mamba layers (top 2 of 4).
+    "jamba-moe": ("JambaConfig", dict(hidden_size=32, intermediate_size=40, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2,
+                                      attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                                      expert_layer_period=2, expert_layer_offset=0, mamba_d_state=4,
+                                      mamba_d_conv=3, mamba_dt_rank=3, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=False)),
+    # One attention layer first (head_dim 8, not D / H = 16), one MoE layer (top 1 of 3) last, tied.
+    "jamba-tied": ("JambaConfig", dict(hidden_size=32, intermediate_size=24, num_hidden_layers=3, head_dim=8,
+                                       num_attention_heads=2, num_key_value_heads=1, attn_layer_period=3,
+                                       attn_layer_offset=0, num_experts=3, num_experts_per_tok=1,
+                                       expert_layer_period=3, expert_layer_offset=2, mamba_d_state=8,
+                                       mamba_d_conv=4, mamba_expand=1, tie_word_embeddings=True)),
 }
 
 

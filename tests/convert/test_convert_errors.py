@@ -1,5 +1,6 @@
 """effarch.convert refuses what it cannot convert, names it, and writes nothing then."""
 
+import dataclasses
 import json
 import shutil
 
@@ -79,7 +80,7 @@ def test_unknown_architecture_lists_the_supported_ones(folder):
                          ids=["bias", "no_conv_bias", "gelu"])
 def test_options_effarch_does_not_implement_are_refused(folder, field, value):
     edit_config(folder, **{field: value})
-    with pytest.raises(ValueError, match=rf"{field}={value!r}; effarch's mamba mixer implements only"):
+    with pytest.raises(ValueError, match=rf"{field}={value!r}; effarch implements MambaForCausalLM with {field}="):
         convert.from_hf(folder)
 
 
@@ -109,9 +110,12 @@ def test_overrides_that_change_the_architecture_are_refused(saved):
         convert.from_hf(saved, d_model=64)
 
 
-def test_low_precision_compute_warns_about_the_residual_stream(saved, caplog):
-    convert.from_hf(saved, dtype=jnp.bfloat16)
-    assert "residual_in_fp32=true, but effarch's residual stream is in the compute dtype (bfloat16)" in caplog.text
+def test_residual_in_fp32_is_read_overridable_and_written(saved, tmp_path):
+    config, params = convert.from_hf(saved, dtype=jnp.bfloat16)
+    assert config.residual_in_fp32  # MambaConfig's default, as transformers runs it
+    off, _ = convert.from_hf(saved, residual_in_fp32=False)
+    convert.to_hf(off, params, tmp_path / "off")
+    assert json.loads((tmp_path / "off" / "config.json").read_text())["residual_in_fp32"] is False
 
 
 # to_hf: nothing is written when it fails.
@@ -163,11 +167,14 @@ def test_to_hf_wrong_shape(model, out):
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(pattern="SA"), r"the layers use \['AttentionConfig', 'MambaConfig'\]; a transformers layout exists"),
+    (dict(pattern="SG"), r"the layers use \['GLAConfig', 'MambaConfig'\]; a transformers layout exists"),
+    (dict(pattern="SA"), r"JambaForCausalLM \(the layout of mamba and attention layers\) needs mamba "
+                         r"dt_bc_norm=True; the layers have mamba dt_bc_norm=False"),
     (dict(mlp="swiglu"), r"mlp='swiglu', but MambaForCausalLM blocks have no MLP"),
     (dict(layer_options={1: {"d_state": 8}}), r"options differ \(2 distinct configs\)"),
     (dict(projection="bitlinear"), r"projection='bitlinear'; MambaForCausalLM has dense projections"),
-], ids=["attention", "mlp", "per_layer_options", "bitlinear"])
+    (dict(logits_softcap=30.0), r"logits_softcap=30.0, but MambaForCausalLM has logits_softcap=None"),
+], ids=["gla", "attention_without_jamba_norms", "mlp", "per_layer_options", "bitlinear", "softcap"])
 def test_to_hf_configs_without_a_layout(model, out, fields, message):
     config, params = model
     config = LMConfig(**{**{f: getattr(config, f) for f in ("vocab_size", "d_model", "n_layers", "mixers")},
@@ -200,4 +207,93 @@ def test_to_hf_failing_while_writing_leaves_nothing(model, out, monkeypatch):
     monkeypatch.setattr(hf_lib, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         convert.to_hf(*model, out)
+    assert_nothing_written(out)
+
+
+# RecurrentGemma and Jamba.
+
+
+@pytest.fixture(scope="module")
+def saved_rgemma(tmp_path_factory):
+    """RecurrentGemma: D 32, 4 heads (head_dim 8), layers QQAQ."""
+    return _checkpoints.save(_checkpoints.hf_model("rgemma-tied"), tmp_path_factory.mktemp("rgemma") / "hf")
+
+
+@pytest.fixture(scope="module")
+def saved_jamba(tmp_path_factory):
+    """Jamba: D 32, F 40, 4 experts on layers 0 and 2, layers SASA."""
+    return _checkpoints.save(_checkpoints.hf_model("jamba-moe"), tmp_path_factory.mktemp("jamba") / "hf")
+
+
+def copy_of(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(block_types=["recurrent", "mlp"]), r"block_types has \['mlp'\]"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), r"rope_type='linear'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.375}),
+     r"rotates int\(head_dim \* factor\) = 3 of head_dim=8 channels"),
+    (dict(hidden_activation="gelu"), r"hidden_activation='gelu'; effarch implements RecurrentGemmaForCausalLM with"),
+], ids=["block_type", "rope_type", "odd_rotary", "exact_gelu"])
+def test_recurrent_gemma_options_effarch_does_not_implement_are_refused(saved_rgemma, tmp_path, fields, message):
+    folder = copy_of(saved_rgemma, tmp_path)
+    edit_config(folder, **fields)
+    with pytest.raises(ValueError, match=message):
+        convert.from_hf(folder)
+
+
+def test_jamba_missing_expert_tensor_is_named(saved_jamba, tmp_path):
+    folder = copy_of(saved_jamba, tmp_path)
+    edit_tensors(folder, lambda t: t.pop("model.layers.2.feed_forward.experts.3.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.2\.feed_forward\.experts\.3\.up_proj\.weight "
+                                         r"\(expected shape \[40, 32\]\)"):
+        convert.from_hf(folder)
+
+
+def test_jamba_projection_biases_are_refused(saved_jamba, tmp_path):
+    folder = copy_of(saved_jamba, tmp_path)
+    edit_config(folder, mamba_proj_bias=True)
+    with pytest.raises(ValueError, match=r"mamba_proj_bias=True; effarch implements JambaForCausalLM with"):
+        convert.from_hf(folder)
+
+
+def with_mixer(config, letter, **options):
+    name, current = config.mixers[letter]
+    return dataclasses.replace(config, mixers={**config.mixers, letter: (name, {**current, **options})})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: with_mixer(c, "A", window=None), r"global \(window=None\), but RecurrentGemmaForCausalLM's attention "
+                                                r"is local"),
+    (lambda c: dataclasses.replace(c, logits_softcap=None), r"always soft-caps its logits"),
+    (lambda c: dataclasses.replace(c, embed_scale=1.0), r"embed_scale=1.0, but RecurrentGemmaForCausalLM has "
+                                                        r"embed_scale=5.65625"),
+    (lambda c: dataclasses.replace(c, mlp="swiglu"), r"mlp='swiglu', but RecurrentGemmaForCausalLM has mlp='geglu'"),
+    (lambda c: with_mixer(c, "A", num_heads=2, num_kv_heads=1, head_dim=8),
+     r"the attention layers have head_dim=8, but RecurrentGemmaForCausalLM's is hidden_size // "
+     r"num_attention_heads = 16"),
+], ids=["global_attention", "no_softcap", "embed_scale", "swiglu", "head_dim"])
+def test_to_hf_recurrent_gemma_configs_without_a_layout(saved_rgemma, out, change, message):
+    config, params = convert.from_hf(saved_rgemma)
+    with pytest.raises(ValueError, match=message):
+        convert.to_hf(change(config), params, out)
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: dataclasses.replace(c, moe={**dataclasses.asdict(c.moe), "capacity_factor": 1.25}),
+     r"moe\.capacity_factor=1\.25, but JambaForCausalLM's MoE never drops a token"),
+    (lambda c: with_mixer(c, "A", rotary_fraction=0.5), r"JambaForCausalLM's attention has no positional encoding"),
+    (lambda c: dataclasses.replace(c, pattern="SAAS"), r"the attention layers are layers \[1, 2\], which no period "
+                                                       r"and offset describe"),
+    (lambda c: dataclasses.replace(c, mlp="geglu"),
+     r"mlp='geglu', but JambaForCausalLM blocks have a SwiGLU or MoE MLP"),
+    (lambda c: with_mixer(c, "S", dt_bc_norm_eps=1e-3), r"dt_bc_norm_eps=0\.001 and the block norms norm_eps=1e-05"),
+], ids=["capacity", "rotary", "attention_layers", "geglu", "two_epsilons"])
+def test_to_hf_jamba_configs_without_a_layout(saved_jamba, out, change, message):
+    config, params = convert.from_hf(saved_jamba)
+    with pytest.raises(ValueError, match=message):
+        convert.to_hf(change(config), params, out)
     assert_nothing_written(out)

@@ -1,9 +1,10 @@
 """transformers checkpoints through effarch.convert: same logits, same greedy tokens, and back.
 
-Each case is a tiny ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` with random
-weights saved by ``save_pretrained``; the effarch model read by ``from_hf``
-must give its logits (relative RMS <= 2e-3, float32) and its greedy tokens,
-and ``to_hf`` must write a folder transformers reads back to the same model.
+Each case is a tiny ``MambaForCausalLM``, ``Mamba2ForCausalLM``,
+``RecurrentGemmaForCausalLM`` or ``JambaForCausalLM`` with random weights
+saved by ``save_pretrained``; the effarch model read by ``from_hf`` must give
+its logits (relative RMS <= 2e-3, float32) and its greedy tokens, and
+``to_hf`` must write a folder transformers reads back to the same model.
 """
 
 import dataclasses
@@ -20,10 +21,12 @@ transformers = pytest.importorskip("transformers")
 
 import _checkpoints  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from effarch import convert  # noqa: E402
+from effarch.convert.architectures import rg_embed_scale  # noqa: E402
 from effarch.models import LM, LMConfig, generate, stack_layer_params  # noqa: E402
-from effarch.testing import assert_relative_close  # noqa: E402
+from effarch.testing import assert_relative_close, relative_rmse  # noqa: E402
 
 NEW_TOKENS = 16
 PROMPT = 5
@@ -47,26 +50,73 @@ def converted(request, tmp_path_factory):
     return Converted(request.param, tmp_path_factory.mktemp(request.param) / "hf")
 
 
-def test_config_is_read_from_config_json(converted):
-    hf = converted.hf.config
-    cfg = converted.config
+def check_mamba_family(cfg, hf):
     spec = cfg.layer_specs[0].mixer
-    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers) == (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers)
-    assert cfg.mlp == "none" and cfg.tie_embeddings == hf.tie_word_embeddings
-    assert cfg.norm_eps == hf.layer_norm_epsilon
+    assert cfg.mlp == "none" and cfg.norm_eps == hf.layer_norm_epsilon and cfg.residual_in_fp32 == hf.residual_in_fp32
     assert (spec.d_state, spec.d_conv, spec.expand) == (hf.state_size, hf.conv_kernel, hf.expand)
     if hf.model_type == "mamba":
-        assert spec.rank == hf.time_step_rank
+        assert spec.rank == hf.time_step_rank and not spec.dt_bc_norm
     else:
         assert (spec.num_heads, spec.head_dim, spec.ngroups) == (hf.num_heads, hf.head_dim, hf.n_groups)
         assert spec.norm_eps == hf.layer_norm_epsilon
 
 
+def by_mixer(cfg, name):
+    return [spec.mixer for spec in cfg.layer_specs if type(spec.mixer).__name__ == name]
+
+
+def check_recurrent_gemma(cfg, hf):
+    letters = {"linear_attention": "Q", "sliding_attention": "A"}
+    assert cfg.layer_pattern == "".join(letters[t] for t in hf.layers_block_type)
+    assert cfg.embed_scale == rg_embed_scale(hf.hidden_size) == float(torch.tensor(hf.hidden_size**0.5,
+                                                                                 dtype=torch.bfloat16))
+    assert (cfg.logits_softcap, cfg.norm_eps, cfg.norm_zero_centered) == (hf.logits_soft_cap, hf.rms_norm_eps, True)
+    assert (cfg.mlp, cfg.mlp_width, cfg.mlp_bias) == ("geglu", hf.intermediate_size // 2, True)
+    lru, attention = by_mixer(cfg, "RGLRUConfig")[0], by_mixer(cfg, "AttentionConfig")[0]
+    assert (lru.width, lru.num_heads, lru.conv_kernel) == (hf.lru_width, hf.num_attention_heads, hf.conv1d_width)
+    assert (attention.num_heads, attention.kv_heads, attention.dim_per_head) == (
+        hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim)
+    assert (attention.window, attention.use_bias, attention.out_bias) == (hf.attention_window_size,
+                                                                          hf.attention_bias, True)
+    rope = hf.rope_parameters
+    assert (attention.rotary_base, attention.rotary_fraction) == (rope["rope_theta"], rope["partial_rotary_factor"])
+
+
+def check_jamba(cfg, hf):
+    letters = {"mamba": "S", "attention": "A"}
+    assert cfg.layer_pattern == "".join(letters[t] for t in hf.layers_block_type)
+    assert [spec.mlp for spec in cfg.layer_specs] == ["moe" if e > 1 else "swiglu" for e in hf.layers_num_experts]
+    assert (cfg.mlp_width, cfg.norm_eps, cfg.embed_scale, cfg.logits_softcap) == (hf.intermediate_size,
+                                                                                   hf.rms_norm_eps, None, None)
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.capacity_factor) == (hf.num_experts, hf.num_experts_per_tok,
+                                                                             None)
+    mamba, attention = by_mixer(cfg, "MambaConfig")[0], by_mixer(cfg, "AttentionConfig")[0]
+    assert (mamba.d_state, mamba.d_conv, mamba.expand, mamba.rank) == (hf.mamba_d_state, hf.mamba_d_conv,
+                                                                      hf.mamba_expand, hf.mamba_dt_rank)
+    assert mamba.dt_bc_norm and mamba.dt_bc_norm_eps == hf.rms_norm_eps
+    assert (attention.num_heads, attention.kv_heads, attention.rotary_fraction) == (
+        hf.num_attention_heads, hf.num_key_value_heads, 0.0)
+    assert attention.dim_per_head == getattr(hf, "head_dim", hf.hidden_size // hf.num_attention_heads)
+
+
+CONFIG_CHECKS = {"mamba": check_mamba_family, "mamba2": check_mamba_family,
+                 "recurrent_gemma": check_recurrent_gemma, "jamba": check_jamba}
+
+
+def test_config_is_read_from_config_json(converted):
+    hf = converted.hf.config
+    cfg = converted.config
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers) == (hf.vocab_size, hf.hidden_size, hf.num_hidden_layers)
+    assert cfg.tie_embeddings == hf.tie_word_embeddings
+    CONFIG_CHECKS[hf.model_type](cfg, hf)
+
+
 def test_logits_match_transformers(converted):
+    print(f"{converted.case}: logits relative RMS {relative_rmse(converted.logits, converted.hf_logits):.1e}")
     assert_relative_close(converted.logits, converted.hf_logits, name=f"{converted.case} logits")
 
 
-@pytest.mark.parametrize("case", ["mamba-tied", "mamba2-untied"])
+@pytest.mark.parametrize("case", ["mamba-tied", "mamba2-untied", "rgemma-tied", "jamba-moe"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     hf = _checkpoints.hf_model(case)
     config, params = convert.from_hf(_checkpoints.save(hf, tmp_path / "hf"))
@@ -154,3 +204,70 @@ def test_bfloat16_parameters_are_written_as_bfloat16(tmp_path):
     for name, value in reloaded.state_dict().items():
         assert value.dtype == torch.bfloat16, name
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_recurrent_gemma_saved_by_to_hf_runs_in_transformers(tmp_path):
+    """An effarch-initialised RecurrentGemma: the LMConfig fields that make one, written from the scanned layout."""
+    d = 32
+    config = LMConfig(vocab_size=_checkpoints.VOCAB, d_model=d, n_layers=6, pattern="QQA", mlp="geglu", d_ff=40,
+                      mlp_bias=True, norm_zero_centered=True, embed_scale=rg_embed_scale(d), logits_softcap=4.0,
+                      mixers={"Q": ("rglru", dict(lru_width=40, num_heads=4, conv_kernel=4)),
+                              "A": ("attention", dict(num_heads=4, num_kv_heads=1, window=5, rotary_fraction=0.5,
+                                                      out_bias=True))})
+    ids = _checkpoints.tokens(seed=2)
+    params = random_params(config, seed=3)
+    logits, *_ = jax.jit(LM(config).apply)(params, jnp.asarray(ids))
+    scanned = dataclasses.replace(config, scan_layers=True)
+    convert.to_hf(scanned, stack_layer_params(params, scanned), tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(reloaded).__name__ == "RecurrentGemmaForCausalLM"
+    assert reloaded.config.block_types == ["recurrent", "recurrent", "attention"]
+    assert_relative_close(logits, _checkpoints.hf_logits(reloaded, ids), name="effarch -> transformers logits")
+
+
+def test_jamba_saved_by_to_hf_runs_in_transformers(tmp_path):
+    """An effarch-initialised Jamba: MoE every other layer, attention every fourth, no positions."""
+    config = LMConfig(vocab_size=_checkpoints.VOCAB, d_model=32, n_layers=4, pattern="SSAS", d_ff=24, norm_eps=1e-5,
+                      mlp="moe", moe_every=2, moe_offset=1,
+                      moe=dict(num_experts=3, top_k=2, capacity_factor=None, aux_loss_weight=0.01),
+                      tie_embeddings=False,
+                      mixers={"S": ("mamba", dict(d_state=4, dt_bc_norm=True, dt_bc_norm_eps=1e-5)),
+                              "A": ("attention", dict(num_heads=4, num_kv_heads=2, rotary_fraction=0.0))})
+    ids = _checkpoints.tokens(seed=2)
+    params = random_params(config, seed=4)
+    logits, *_ = jax.jit(LM(config).apply)(params, jnp.asarray(ids))
+    convert.to_hf(config, params, tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf = reloaded.config
+    assert hf.layers_block_type == ["mamba", "mamba", "attention", "mamba"]
+    assert hf.layers_num_experts == [1, 3, 1, 3] and hf.router_aux_loss_coef == 0.01
+    assert_relative_close(logits, _checkpoints.hf_logits(reloaded, ids), name="effarch -> transformers logits")
+    again, again_params = convert.from_hf(tmp_path / "hf")  # options spelt out (dt_rank=2 for None)
+    jax.tree.map(np.testing.assert_array_equal, again_params, params)
+    np.testing.assert_array_equal(jax.jit(LM(again).apply)(again_params, jnp.asarray(ids))[0], logits)
+
+
+def test_jamba_fused_experts_read_like_one_tensor_per_expert(tmp_path):
+    """transformers 5's in-memory spelling (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F])."""
+    hf = _checkpoints.hf_model("jamba-moe")
+    per_expert = _checkpoints.save(hf, tmp_path / "per_expert")
+    tensors = load_file(per_expert / "model.safetensors")
+    e = hf.config.num_experts
+    for i in range(hf.config.num_hidden_layers):
+        ff = f"model.layers.{i}.feed_forward.experts."
+        if f"{ff}0.gate_proj.weight" not in tensors:
+            continue
+        pop = lambda name: np.stack([tensors.pop(f"{ff}{j}.{name}.weight") for j in range(e)])  # noqa: E731
+        tensors[f"{ff}gate_up_proj"] = np.concatenate([pop("gate_proj"), pop("up_proj")], axis=1)
+        tensors[f"{ff}down_proj"] = pop("down_proj")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    (fused / "config.json").write_text((per_expert / "config.json").read_text())
+    save_file(tensors, fused / "model.safetensors", metadata={"format": "pt"})
+    config, params = convert.from_hf(fused)
+    assert config == convert.from_hf(per_expert)[0]
+    jax.tree.map(np.testing.assert_array_equal, params, convert.from_hf(per_expert)[1])
+    # transformers reads the fused file as the same model: the spelling is its own.
+    ids = _checkpoints.tokens()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(fused).eval()
+    np.testing.assert_array_equal(_checkpoints.hf_logits(reloaded, ids), _checkpoints.hf_logits(hf, ids))

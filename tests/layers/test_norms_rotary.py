@@ -25,6 +25,16 @@ def test_rmsnorm_and_layernorm():
     assert_relative_close(y, ref)
 
 
+def test_zero_centered_rmsnorm_scales_by_one_plus_its_parameter():
+    norm = RMSNorm(zero_centered=True)
+    variables = norm.init(jax.random.PRNGKey(0), X)
+    np.testing.assert_array_equal(variables["params"]["scale"], np.zeros(12))  # starts as the identity scale
+    offset = jax.random.normal(jax.random.PRNGKey(1), (12,))
+    y = norm.apply({"params": {"scale": offset}}, X)
+    plain = RMSNorm().apply({"params": {"scale": 1.0 + offset}}, X)
+    assert_relative_close(y, plain)
+
+
 @pytest.mark.parametrize("group_size", [None, 4], ids=["whole", "groups4"])
 def test_gated_rmsnorm(group_size):
     z = jax.random.normal(jax.random.PRNGKey(1), X.shape)

@@ -41,6 +41,16 @@ def test_large_softcap_is_no_softcap():
     assert_relative_close(_apply(capped, params), _apply(plain, params), name="softcap")
 
 
+def test_out_bias_is_added_to_the_output():
+    biased = mixers.build("attention", d_model=D, num_heads=2, out_bias=True)
+    plain = mixers.build("attention", d_model=D, num_heads=2)
+    params = biased.init(jax.random.PRNGKey(1), X)
+    bias = jax.random.normal(jax.random.PRNGKey(2), (D,))
+    params["params"]["o_proj"]["bias"] = bias
+    without = {"params": {**params["params"], "o_proj": {"kernel": params["params"]["o_proj"]["kernel"]}}}
+    assert_relative_close(_apply(biased, params), _apply(plain, without) + bias, name="out_bias")
+
+
 def test_local_attention_cache_is_the_window():
     local = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2, window=8)
     cache = local.init_cache(3, 10_000, jnp.bfloat16)

@@ -48,6 +48,24 @@ def test_mamba2_state_is_ssd_with_dt_scaled_values():
     assert_relative_close(cache.state[0, 0], jnp.outer(b_in, dt[0] * u), name="S_1")
 
 
+def test_mamba_dt_bc_norm_normalises_dt_b_and_c_before_the_scan():
+    """Jamba's norms: scaling the x_proj rows of dt, B or C leaves the output unchanged (up to eps)."""
+    d, r, n = 8, 3, 4
+    mixer = mixers.build("mamba", d_model=d, d_state=n, dt_rank=r, dt_bc_norm=True, dt_bc_norm_eps=1e-12)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, d))
+    params = mixer.init(jax.random.PRNGKey(1), x)
+    assert {k: params["params"][k]["scale"].shape for k in ("dt_norm", "b_norm", "c_norm")} == \
+        {"dt_norm": (r,), "b_norm": (n,), "c_norm": (n,)}
+    y, _ = mixer.apply(params, x)
+    rows = jnp.concatenate([jnp.full(r, 3.0), jnp.full(n, 0.2), jnp.full(n, 7.0)])  # dt, B, C scaled apart
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, a: a * rows if "x_proj" in str(path) else a, params)
+    assert_relative_close(mixer.apply(scaled, x)[0], y, name="scaled dt, B, C")
+    plain = mixers.build("mamba", d_model=d, d_state=n, dt_rank=r)
+    plain_params = {"params": {k: v for k, v in params["params"].items() if not k.endswith("_norm")}}
+    assert float(jnp.max(jnp.abs(plain.apply(plain_params, x)[0] - y))) > 1e-3, "the norms change the output"
+
+
 @pytest.mark.parametrize(
     "name,options,message",
     [("mamba", {"d_state": 0}, "d_state=0"),

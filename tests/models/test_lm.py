@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from effarch.layers.mod import mixture_of_depths, mixture_of_depths_reference, select_tokens
-from effarch.layers.mlp import SwiGLU, swiglu_reference
+from effarch.layers.mlp import GatedMLP, SwiGLU, swiglu_reference
 from effarch.models import LM, LMConfig, stack_layer_params, unstack_layer_params
 from effarch.models.config import attention_layout
 from effarch.testing import assert_relative_close, descent_losses
@@ -167,14 +167,19 @@ def test_pattern_tiles_and_layer_options():
         (dict(pattern="MA", attention_ratio=0.5), "set exactly one of them"),
         (dict(pattern="MZ"), r"pattern letter 'Z' has no mixer; known letters"),
         (dict(mixers={"A": ("attention", {"heads": 2})}), r"no option\(s\) \['heads'\]; valid: .*num_heads"),
-        (dict(mlp="dense"), r"mlp='dense'; expected one of \('swiglu', 'moe', 'none'\)"),
+        (dict(mlp="dense"), r"mlp='dense'; expected one of \('swiglu', 'geglu', 'moe', 'none'\)"),
         (dict(layer_options={5: {}}), r"layer_options has key 5; expected layer indices in \[0, n_layers=2\)"),
         (dict(mod_capacity=1.5), r"mod_capacity=1.5; expected None or a fraction in \(0, 1\]"),
         (dict(mixers={"A": "attention"}), r"mixers\['A'\]='attention'; expected \(mixer name, options dict\)"),
         (dict(mlp="moe", projection="bitlinear"), "use projection='dense' with MoE"),
+        (dict(mlp="moe", moe_every=2, moe_offset=2), r"moe_offset=2; expected an int in \[0, moe_every=2\)"),
+        (dict(mlp="moe", moe_every=4, moe_offset=3), r"moe_offset=3 and n_layers=2: no layer"),
+        (dict(embed_scale=-1.0), r"embed_scale=-1.0; expected None or a positive float"),
+        (dict(logits_softcap=0), r"logits_softcap=0; expected None or a positive float"),
     ],
     ids=["unknown-mixer", "pattern-length", "pattern-and-ratio", "unknown-letter", "bad-option",
-         "bad-mlp", "layer-index", "mod-capacity", "mixer-entry", "moe-bitlinear"],
+         "bad-mlp", "layer-index", "mod-capacity", "mixer-entry", "moe-bitlinear", "moe-offset",
+         "no-moe-layer", "embed-scale", "softcap"],
 )
 def test_bad_config_raises(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -204,6 +209,71 @@ def test_swiglu_matches_reference():
     p = variables["params"]
     ref = swiglu_reference(x, p["gate"]["kernel"], p["up"]["kernel"], p["down"]["kernel"])
     assert_relative_close(mlp.apply(variables, x), ref, name="swiglu")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_mlp_with_biases_matches_reference(activation):
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 12))
+    mlp = GatedMLP(d_ff=20, activation=activation, use_bias=True)
+    variables = nn.unbox(mlp.init(jax.random.PRNGKey(1), x))
+    p = jax.tree.map(lambda a: a + 0.1, variables["params"])  # nonzero biases
+    ref = (ACTIVATION_REF[activation](x @ p["gate"]["kernel"] + p["gate"]["bias"])
+           * (x @ p["up"]["kernel"] + p["up"]["bias"])) @ p["down"]["kernel"] + p["down"]["bias"]
+    assert_relative_close(mlp.apply({"params": p}, x), ref, name=activation)
+
+
+# Written out: transformers' "silu" and "gelu_pytorch_tanh".
+ACTIVATION_REF = {
+    "silu": lambda a: a / (1 + jnp.exp(-a)),
+    "gelu_tanh": lambda a: 0.5 * a * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a**3))),
+}
+
+
+def test_embed_scale_softcap_and_zero_centered_norms_are_reparametrisations():
+    """Each option against a plain model with transformed parameters (untied, so the head is its own)."""
+    options = dict(pattern="A", n_layers=1, tie_embeddings=False, mlp="geglu", mlp_bias=True)
+    lm, variables, tokens = _model(**options, embed_scale=2.5, logits_softcap=0.5, norm_zero_centered=True)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(len(path)), a.shape),
+        nn.unbox(variables)["params"])
+    logits, _, _ = lm.apply({"params": params}, tokens)
+    plain_params = jax.tree_util.tree_map_with_path(
+        lambda path, a: 1.0 + a if path[-1].key == "scale" else a, params)  # (1 + scale) as a plain scale
+    plain_params["embed"]["embedding"] = 2.5 * params["embed"]["embedding"]
+    plain = LM(config=LMConfig.preset("tiny", **options))
+    plain_logits, _, _ = plain.apply({"params": plain_params}, tokens)
+    assert_relative_close(logits, 0.5 * jnp.tanh(plain_logits / 0.5), name="logits")
+    assert float(jnp.max(jnp.abs(logits))) <= 0.5
+
+
+def test_moe_every_alternates_dense_and_moe_layers():
+    lm, variables, tokens = _model(pattern="A", n_layers=4, mlp="moe", moe_every=2, moe_offset=1,
+                                   moe={"num_experts": 3, "top_k": 2, "capacity_factor": None})
+    cfg = lm.config
+    assert [spec.mlp for spec in cfg.layer_specs] == ["swiglu", "moe", "swiglu", "moe"]
+    assert cfg.period == 2
+    params = nn.unbox(variables)["params"]
+    assert set(params["layer_0"]["mlp"]) == {"gate", "up", "down"} and "router" in params["layer_1"]["mlp"]
+    # Zero routers give uniform probabilities: a load-balancing loss of exactly 1 in each MoE layer,
+    # so the mean over the MoE layers (not over all four) is 1.
+    for i in (1, 3):
+        params[f"layer_{i}"]["mlp"]["router"] = jnp.zeros_like(params[f"layer_{i}"]["mlp"]["router"])
+    _, aux, _ = lm.apply({"params": params}, tokens)
+    np.testing.assert_allclose(aux["moe_aux_loss"], 1.0, rtol=1e-6)
+    assert float(aux["moe_dropped_fraction"]) == 0.0
+    scanned = LM(config=dataclasses.replace(cfg, scan_layers=True))
+    stacked = stack_layer_params({"params": params}, scanned.config)
+    assert_relative_close(scanned.apply(stacked, tokens)[0], lm.apply({"params": params}, tokens)[0],
+                          name="scanned")
+
+
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+def test_residual_stream_dtype(residual_in_fp32):
+    lm, variables, tokens = _model(pattern="A", n_layers=1, dtype=jnp.bfloat16, residual_in_fp32=residual_in_fp32)
+    (logits, _, _), state = lm.apply(variables, tokens, capture_intermediates=True, mutable=["intermediates"])
+    block_out = state["intermediates"]["layer_0"]["__call__"][0][0]
+    assert block_out.dtype == (jnp.float32 if residual_in_fp32 else jnp.bfloat16)
+    assert logits.dtype == jnp.float32
 
 
 def test_mixture_of_depths_matches_reference_for_per_token_block():

@@ -66,6 +66,16 @@ def test_matches_dense_reference_with_ample_capacity(num_experts, top_k):
     assert_relative_close(grads, grads_ref, name="grads")
 
 
+def test_no_capacity_factor_drops_nothing_however_skewed_the_routing():
+    num_experts, top_k = 4, 2
+    x, router, *experts_w = _weights(num_experts, seed=2)
+    skewed = router.at[:, 0].add(10.0)  # expert 0 is every token's first choice
+    assert expert_capacity(B * T, num_experts, top_k, None) == B * T
+    y, aux = moe_forward(x, skewed, *experts_w, top_k=top_k, capacity_factor=None)
+    assert float(aux["moe_dropped_fraction"]) == 0.0
+    assert_relative_close(y, moe_reference(x, skewed, *experts_w, top_k=top_k), name="y without capacity")
+
+
 def test_small_capacity_drops_and_reports_fraction():
     num_experts, top_k, factor = 4, 2, 0.5
     x, router, *experts_w = _weights(num_experts, seed=1)
