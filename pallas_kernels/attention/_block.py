@@ -37,6 +37,17 @@ def dot(a, b, contract, dtype):
                            precision=precision, preferred_element_type=jnp.float32)
 
 
+def _ceil_div(a, n: int):
+    """``ceil(max(a, 0) / n)`` of a traced int32 (``lax.div`` truncates; ``//`` would
+    lower a ``sign`` that Mosaic cannot lower without a TPU attached)."""
+    return lax.div(jnp.maximum(a, 0) + (n - 1), n)
+
+
+def _floor_div(a, n: int):
+    """``floor(max(a, 0) / n)`` of a traced int32."""
+    return lax.div(jnp.maximum(a, 0), n)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Band:
     """Which keys each query sees, by block: the static mask of one call.
@@ -69,9 +80,9 @@ class Band:
         lo, hi = 0, self.num_k_blocks
         if self.causal:
             last = first + self.block_q - 1
-            hi = jnp.minimum(hi, (jnp.maximum(last + 1, 0) + self.block_k - 1) // self.block_k)
+            hi = jnp.minimum(hi, _ceil_div(last + 1, self.block_k))
         if self.window is not None:
-            lo = jnp.maximum(first - self.window + 1, 0) // self.block_k
+            lo = _floor_div(first - self.window + 1, self.block_k)
         return lo, hi
 
     def query_blocks(self, j, num_q_blocks: int):
@@ -79,10 +90,10 @@ class Band:
         first = j * self.block_k - self.offset  # query index at the block's first key position
         lo, hi = 0, num_q_blocks
         if self.causal:
-            lo = jnp.maximum(first, 0) // self.block_q
+            lo = _floor_div(first, self.block_q)
         if self.window is not None:
             last = first + self.block_k - 1 + self.window - 1  # last query that sees the block
-            hi = jnp.minimum(hi, (jnp.maximum(last + 1, 0) + self.block_q - 1) // self.block_q)
+            hi = jnp.minimum(hi, _ceil_div(last + 1, self.block_q))
         return lo, hi
 
     def visible(self, i, j, q_seg=None, kv_seg=None):

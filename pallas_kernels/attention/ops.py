@@ -137,7 +137,7 @@ def attention(q, k, v, *, causal: bool = True, window: int | None = None, segmen
       ValueError: inconsistent shapes or options, or block sizes the chosen
         kernel cannot tile; the message names the values.
     """
-    q_seg, kv_seg, runs = _check_inputs(q, k, v, causal, window, segment_ids, softcap)
+    q_seg, kv_seg, segments = _check_inputs(q, k, v, causal, window, segment_ids, softcap)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     target = _platform.resolve_target(backend, interpret)
     blocks = (block_sizes or BlockSizes()).for_target(target, q_len=q.shape[1],
@@ -145,16 +145,16 @@ def attention(q, k, v, *, causal: bool = True, window: int | None = None, segmen
     cfg = _Config(target=target, block_sizes=blocks, causal=causal, window=window, scale=scale,
                   softcap=None if softcap is None else float(softcap), q_len=q.shape[1],
                   kv_len=k.shape[1])
-    if target.backend == "tpu" and tpu.splash_unsupported(cfg, q, k, v, runs) is None:
+    if target.backend == "tpu" and tpu.splash_unsupported(cfg, segments) is None:
         return tpu.splash_attention(cfg, q, k, v, q_seg)
     return _attention(cfg, q, k, v, q_seg, kv_seg)
 
 
 def _check_inputs(q, k, v, causal, window, segment_ids, softcap):
-    """Validates the call; returns ``(q_seg, kv_seg, runs)``.
+    """Validates the call; returns ``(q_seg, kv_seg, segments)``.
 
-    ``runs`` is True when the ids came as one ``[B,T]`` array (then each
-    query's own key shares its segment).
+    ``segments`` is None, ``"runs"`` (the ids came as one ``[B,T]`` array:
+    each query's own key shares its segment) or ``"pair"``.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_rank(name, x, 4, "[B,T,H,K]" if name == "q" else f"[B,S,Hkv,{name.upper()}]")
@@ -175,20 +175,20 @@ def _check_inputs(q, k, v, causal, window, segment_ids, softcap):
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{OP}: softcap={softcap!r}; expected None or a float > 0.")
     if segment_ids is None:
-        return None, None, False
+        return None, None, None
     if isinstance(segment_ids, (tuple, list)):
         if len(segment_ids) != 2:
             raise ValueError(f"{OP}: segment_ids has {len(segment_ids)} items; expected one "
                              "[B,T] array or a pair (q_ids [B,T], kv_ids [B,S]).")
         check_segment_ids(segment_ids[0], b, t)
         check_segment_ids(segment_ids[1], b, s)
-        return segment_ids[0].astype(jnp.int32), segment_ids[1].astype(jnp.int32), False
+        return segment_ids[0].astype(jnp.int32), segment_ids[1].astype(jnp.int32), "pair"
     if t != s:
         raise ValueError(f"{OP}: {describe('segment_ids', segment_ids)} is one array but T={t} "
                          f"!= S={s}; pass a pair (q_ids [B,T], kv_ids [B,S]).")
     check_segment_ids(segment_ids, b, t)
     ids = reset_index(segment_ids, b, t)
-    return ids, ids, True
+    return ids, ids, "runs"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -1,7 +1,8 @@
 """Pallas attention kernels against effarch.ops.attention's XLA form.
 
-On CPU the GPU kernels run with ``interpret=True`` and the TPU path in the TPU
-interpreter; each case checks the output and the gradients of q, k and v in
+On CPU the GPU kernels run with ``interpret=True`` and the TPU path (splash
+attention where it covers the call, else our Mosaic kernels) in the TPU
+interpreter (``pltpu.InterpretParams``); each case checks the output and the gradients of q, k and v in
 one jitted ``value_and_grad`` against the float32 XLA form (plain masked
 softmax) on the same inputs.
 
@@ -24,7 +25,9 @@ import pytest
 
 from effarch import ops
 from effarch.testing import assert_relative_close, relative_rmse, tolerance
-from pallas_kernels.attention import BlockSizes, attention
+from pallas_kernels import _platform
+from pallas_kernels.attention import BlockSizes, attention, tpu
+from pallas_kernels.attention import ops as ops_module
 from pallas_kernels.attention.reference import attention_reference
 
 NAMES = ("o", "dq", "dk", "dv")
@@ -115,6 +118,9 @@ FAST = [
     Case(segments="runs", softcap=20.0),
     Case(hkv=1, kd=32, vd=16, window=10, dtype="bfloat16"),
     Case(t=1, h=2, hkv=1, kd=16, vd=16),
+    # TPU: splash attention (runs of ids), then our Mosaic kernels (an id pair).
+    Case(backend="tpu", kd=32, vd=32, segments="runs", window=20, softcap=20.0),
+    Case(backend="tpu", t=45, s=70, hkv=1, kd=32, vd=16, segments="pair"),
 ]
 SLOW = [
     Case(t=1000, h=2, hkv=1, kd=64, vd=64, segments="runs", window=300),
@@ -123,6 +129,9 @@ SLOW = [
     Case(t=100, s=45, causal=True),
     Case(t=63, s=80, causal=False, softcap=5.0),
     Case(hkv=4, window=1, blocks=BlockSizes(block_q=16, block_k=32)),
+    Case(backend="tpu", dtype="bfloat16", hkv=1, softcap=30.0),
+    Case(backend="tpu", t=200, h=2, hkv=1, kd=32, vd=32, causal=False),
+    Case(backend="tpu", t=100, s=45, h=2, hkv=1, kd=32, vd=32, window=30),
 ]
 
 
@@ -158,12 +167,25 @@ def test_effarch_op_dispatches_to_kernel():
     (dict(window=4, causal=False), "window=4"),
     (dict(softcap=-1.0), "softcap=-1.0"),
     (dict(block_sizes=BlockSizes(block_q=24)), "block_q=24"),
+    (dict(block_sizes=BlockSizes(block_k=64), backend="tpu"), "block_k=64"),
     (dict(segment_ids=jnp.zeros((2, 9), jnp.int32)), r"segment_ids: shape \(2, 9\)"),
-], ids=["window0", "window-noncausal", "softcap", "block_q", "segment-shape"])
+], ids=["window0", "window-noncausal", "softcap", "block_q", "tpu-block_k", "segment-shape"])
 def test_bad_inputs_raise(kwargs, message):
     q = jnp.zeros((2, 8, 2, 16))
     with pytest.raises(ValueError, match=message):
         attention(q, q, q, interpret=True, **kwargs)
+
+
+@pytest.mark.parametrize("causal,t,s,segments,expected", [
+    (True, 8, 8, "runs", None), (False, 8, 12, None, None), (True, 8, 12, None, None),
+    (True, 12, 8, None, "T=12 > S=8"), (True, 8, 8, "pair", "pair")],
+    ids=["runs", "full", "causal-short-q", "causal-long-q", "pair"])
+def test_tpu_uses_splash_where_it_covers_the_call(causal, t, s, segments, expected):
+    cfg = ops_module._Config(
+        target=_platform.KernelTarget(backend="tpu", interpret=True), block_sizes=BlockSizes(),
+        causal=causal, window=None, scale=1.0, softcap=None, q_len=t, kv_len=s)
+    reason = tpu.splash_unsupported(cfg, segments)
+    assert reason is None if expected is None else expected in reason
 
 
 def test_heads_must_divide():

@@ -20,6 +20,7 @@ import pytest
 
 from effarch import ops
 from pallas_kernels import _platform
+from pallas_kernels import attention as attention_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import compile_check  # noqa: E402  (benchmarks/compile_check.py, the kernel tooling)
@@ -105,11 +106,14 @@ def _public_ops_calls():
         "linear_scan": (
             lambda x, a: ops.linear_scan(x, a, implementation="pallas")[0],
             (sds((1, 64, 256), bf16),) * 2),
+        "attention": (
+            lambda q, k, v: ops.attention(q, k, v, implementation="pallas"),
+            (sds((1, 256, 4, 128), bf16),) + (sds((1, 256, 2, 128), bf16),) * 2),
     }
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("op", ["linear_attention", "selective_scan", "linear_scan"])
+@pytest.mark.parametrize("op", ["linear_attention", "selective_scan", "linear_scan", "attention"])
 def test_public_ops_lower_to_kernels(op, platform):
     fn, args = _public_ops_calls()[op]
 
@@ -120,3 +124,51 @@ def test_public_ops_lower_to_kernels(op, platform):
     case = compile_check.Case(op, op, forward_and_backward, args, kernels={})
     calls = compile_check.kernel_calls(compile_check.lower(case, platform))
     assert calls and {call.target for call in calls} == {EXPECTED_TARGET[platform]}
+
+
+def _attention_case(segments: str | None, t: int = 1000) -> compile_check.Case:
+    """Softmax attention, forward and backward, GQA 8/2, D = 128, window, softcap.
+
+    On TPU, one segment-id array takes splash attention; a (q, kv) id pair
+    takes our Mosaic kernels (tpu.splash_unsupported). Either way three
+    kernels: forward, dq, dk/dv.
+    """
+    sds = jax.ShapeDtypeStruct
+    bf16 = jnp.bfloat16
+
+    def fn(q, k, v, ids):
+        segment_ids = {None: None, "runs": ids, "pair": (ids, ids)}[segments]
+        return jax.vjp(lambda q, k, v: attention_kernel.attention(
+            q, k, v, window=300, segment_ids=segment_ids, softcap=30.0), q, k, v)[1](
+                jnp.ones((1, t, 8, 128), bf16))
+
+    args = (sds((1, t, 8, 128), bf16),) + (sds((1, t, 2, 128), bf16),) * 2
+    args += (sds((1, t), jnp.int32),)
+    return compile_check.Case(f"attention/{segments}", "attention", fn, args,
+                              kernels={"cuda": 3, "tpu": 3})
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("segments", [None, "runs", "pair"])
+def test_attention_kernels_lower_for_platform(segments, platform):
+    case = _attention_case(segments)
+    calls = compile_check.kernel_calls(compile_check.lower(case, platform))
+    assert [call.target for call in calls] == [EXPECTED_TARGET[platform]] * case.kernels[platform]
+    if platform == "cuda":
+        assert [call.name for call in calls] == ["attention_fwd", "attention_bwd_dq",
+                                                 "attention_bwd_dkv"]
+        for call in calls:
+            assert f"tt.func public @{call.name}" in compile_check.triton_text(call)
+
+
+@pytest.mark.parametrize("segments", ["runs", "pair"])
+def test_attention_kernels_compile_for_tpu_v5e(segments, tpu_topology):
+    memory = compile_check.compile_tpu(_attention_case(segments), tpu_topology)
+    assert memory["output"] > 0
+
+
+def test_attention_triton_kernels_compile_for_sm90(triton):
+    for call in compile_check.kernel_calls(compile_check.lower(_attention_case("runs"), "cuda")):
+        build = compile_check.compile_triton(call, capability=90)
+        assert 0 < build.registers <= 255, build
+        assert build.shared_bytes <= SM90_SHARED_LIMIT, build
