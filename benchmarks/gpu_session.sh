@@ -11,6 +11,9 @@
 # The call: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 #
 # It writes every log and JSON under $OUT (at most 8 files come back).
+#
+# Budget: the run's 600 s limit. The steps' timeouts below sum to 580 s (the
+# first step's device setup takes the rest); change one, keep the sum.
 set -uo pipefail
 OUT="${OUT:-results/gpu_session}"
 mkdir -p "$OUT"
@@ -25,11 +28,17 @@ python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/de
 
 # 1. Compile and run the kernels for real: every gpu-marked test (kernels
 #    against the float32 recurrence, compiled), and the lowering tests.
-timeout 240 python3 -m pytest -q -m "gpu" tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log"
-timeout 60 python3 -m pytest -q tests/kernels/test_lowering.py -p no:cacheprovider 2>&1 \
+timeout 200 python3 -m pytest -q -m "gpu" tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log"
+timeout 40 python3 -m pytest -q tests/kernels/test_lowering.py -p no:cacheprovider 2>&1 \
   | tail -3 | tee -a "$OUT/pytest_gpu.log"
 
 # 2. Time the chunked kernels against XLA, cuDNN attention and fla; then the scans.
-timeout 180 python3 benchmarks/chunked_linear_attention.py --out "$OUT/chunked_linear_attention.json" \
+timeout 130 python3 benchmarks/chunked_linear_attention.py --out "$OUT/chunked_linear_attention.json" \
   2>&1 | tee "$OUT/chunked_linear_attention.log"
-timeout 150 python3 benchmarks/scan.py --output "$OUT/scan.json" 2>&1 | tee "$OUT/scan.log"
+timeout 100 python3 benchmarks/scan.py --output "$OUT/scan.json" 2>&1 | tee "$OUT/scan.log"
+
+# 3. Softmax attention: our kernel vs cuDNN vs the XLA forms (forward, forward+backward,
+#    causal, with and without segments). It saves JSON after every row and starts no
+#    row after --budget-s, so the timeout only guards a hang.
+timeout 110 python3 benchmarks/attention.py --seq-lens 2048 8192 32768 --budget-s 80 \
+  --out "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
