@@ -94,6 +94,10 @@ def _forward(implementation: str, ids):
                                          implementation=implementation)
 
 
+def _loss(forward, weight):
+    return lambda q, k, v: jnp.sum(forward(q, k, v).astype(jnp.float32) * weight)
+
+
 def _skip_reason(implementation, b, t, h, segmented, args) -> str | None:
     if implementation == "cudnn":
         if jax.default_backend() != "gpu":
@@ -126,8 +130,8 @@ def main(argv=None):
                     print(rows[-1])
                     continue
                 forward = _forward(implementation, ids)
-                loss = lambda q, k, v: jnp.sum(forward(q, k, v).astype(jnp.float32) * weight)  # noqa: E731,B023
-                fns = {"fwd": jax.jit(forward), "fwd_bwd": jax.jit(jax.grad(loss, (0, 1, 2)))}
+                fns = {"fwd": jax.jit(forward),
+                       "fwd_bwd": jax.jit(jax.grad(_loss(forward, weight), (0, 1, 2)))}
                 for mode, fn in fns.items():
                     timing = harness.time_fn(fn, q, k, v, repeats=args.repeats)
                     row[f"{mode}_ms"] = timing["median_ms"]

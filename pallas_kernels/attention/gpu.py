@@ -37,16 +37,16 @@ def _band(block_sizes, causal, window, q_len, kv_len):
                        block_q=block_sizes.block_q, block_k=block_sizes.block_k)
 
 
-def _tile(ref, start, size):
-    """Rows ``start .. start+size`` of a ``[T, X]`` ref."""
-    return ref[pl.ds(pl.multiple_of(start, size), size), :]
+def _rows(i, size):
+    """Block ``i`` of ``size`` rows: a ``pl.ds`` index."""
+    return pl.ds(pl.multiple_of(i * size, size), size)
 
 
 def _key_tiles(refs, j, bk):
     """Key block ``j``: ``(k [Ck,K], v [Ck,V], kv_seg [1,Ck] or None)``."""
-    start = pl.multiple_of(j * bk, bk)
-    kv_seg = refs["kv_seg"][:, pl.ds(start, bk)] if "kv_seg" in refs else None
-    return _tile(refs["k"], start, bk), _tile(refs["v"], start, bk), kv_seg
+    rows = _rows(j, bk)
+    kv_seg = refs["kv_seg"][:, rows] if "kv_seg" in refs else None
+    return refs["k"][rows, :], refs["v"][rows, :], kv_seg
 
 
 def _seg_inputs(q_seg, kv_seg, q_spec, kv_spec):
@@ -160,7 +160,7 @@ def backward(q, k, v, q_seg, kv_seg, do, lse, delta, *, block_sizes, causal: boo
         def head(g, carry):
             def body(i, carry):
                 dk, dv = carry
-                rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
+                rows = _rows(i, bq)
                 q_i, do_i = refs["q"][rows, g, :], refs["do"][rows, g, :]
                 lse_i, delta_i = refs["lse"][g, rows, :], refs["delta"][g, rows, :]
                 q_seg_i = refs["q_seg"][rows, :] if "q_seg" in refs else None

@@ -69,7 +69,8 @@ class BlockSizes:
         else:
             ok, rule = (lambda n: n % LANES == 0), f"a multiple of {LANES} on TPU"
             default = lambda length: LANES  # noqa: E731
-        sizes = {"block_q": self.block_q or default(q_len), "block_k": self.block_k or default(kv_len)}
+        sizes = {"block_q": self.block_q or default(q_len),
+                 "block_k": self.block_k or default(kv_len)}
         for name, size in sizes.items():
             if not ok(size):
                 raise ValueError(f"BlockSizes.{name}={size} must be {rule}.")

@@ -2,9 +2,9 @@
 
 On CPU the GPU kernels run with ``interpret=True`` and the TPU path (splash
 attention where it covers the call, else our Mosaic kernels) in the TPU
-interpreter (``pltpu.InterpretParams``); each case checks the output and the gradients of q, k and v in
-one jitted ``value_and_grad`` against the float32 XLA form (plain masked
-softmax) on the same inputs.
+interpreter (``pltpu.InterpretParams``); each case checks the output and the
+gradients of q, k and v in one jitted ``value_and_grad`` against the float32
+XLA form (plain masked softmax) on the same inputs.
 
 bfloat16: the kernel gets bf16 inputs, the reference the same values in
 float32, so the difference is the kernel's own rounding: bf16 matmul operands
