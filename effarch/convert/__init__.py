@@ -7,8 +7,9 @@
 Layouts (``ARCHITECTURES``): transformers' ``MambaForCausalLM`` (effarch
 mixer ``mamba``), ``Mamba2ForCausalLM`` (``mamba2``),
 ``RecurrentGemmaForCausalLM`` (``rglru`` and local ``attention``) and
-``JambaForCausalLM`` (``mamba`` with dt/B/C norms, ``attention``, MoE). See
-docs/interop.md.
+``JambaForCausalLM`` (``mamba`` with dt/B/C norms, ``attention``, MoE) and
+``Qwen3NextForCausalLM`` (``gated_deltanet``, gated ``attention``, MoE with a
+shared expert). See docs/interop.md.
 """
 
 from effarch.convert.architectures import ARCHITECTURES  # noqa: F401

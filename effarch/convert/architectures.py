@@ -21,9 +21,16 @@ The tensor tables, per layer ``i`` (``{i}``), effarch paths under ``params``:
       model.layers.{i}.mamba.* | .self_attn.*    layer_{i}/mixer/*        (mamba / attention)
       model.layers.{i}.pre_ff_layernorm.weight   layer_{i}/mlp_norm/scale
       model.layers.{i}.feed_forward.*            layer_{i}/mlp/*          (SwiGLU / MoE)
+    Qwen3-Next              model.embed_tokens / model.norm / lm_head
+      model.layers.{i}.input_layernorm.weight    layer_{i}/mixer_norm/scale   (1 + weight)
+      model.layers.{i}.linear_attn.* | .self_attn.*   layer_{i}/mixer/*   (gated_deltanet / gated attention)
+      model.layers.{i}.post_attention_layernorm.weight   layer_{i}/mlp_norm/scale
+      model.layers.{i}.mlp.*                     layer_{i}/mlp/*          (SwiGLU / MoE with a shared expert)
 
 A :class:`Tensor` groups HF tensors with effarch parameters: usually one with
-one, but Jamba's experts are ``E`` HF tensors per effarch parameter
+one, but Qwen3-Next fuses projections that effarch keeps apart (``in_proj_qkvz``
+holds q, k, v and the output gate, head by head), and MoE experts are ``E`` HF
+tensors per effarch parameter
 (``experts.{j}.gate_proj.weight [F, D]`` <-> ``mlp/gate [E, D, F]``, the form
 ``save_pretrained`` writes and the Hub holds), or, in transformers 5's fused
 in-memory form, one HF tensor for two effarch parameters
@@ -80,6 +87,34 @@ def per_expert(num_experts: int) -> Layout:
     return Layout(to_hf=lambda a: [a[0][j].T for j in range(num_experts)],
                   from_hf=lambda a: [np.stack([w.T for w in a])],
                   hf_shapes=lambda s: [(s[0][2], s[0][1])] * num_experts)
+
+
+def head_groups(groups: int, widths: Sequence[int]) -> Layout:
+    """Kernels ``[D, G * w_i]`` (effarch) <-> one torch Linear weight ``[G * sum(w), D]`` whose rows go group by
+    group, each ``[w_0 rows, w_1 rows, ...]`` (Qwen3-Next's ``in_proj_qkvz``, ``in_proj_ba``, gated ``q_proj``)."""
+    total = sum(widths)
+    cuts = np.cumsum(widths)[:-1]
+
+    def to_hf(arrays):
+        d = arrays[0].shape[0]
+        parts = [a.reshape(d, groups, w) for a, w in zip(arrays, widths)]
+        return [np.concatenate(parts, axis=2).reshape(d, groups * total).T]
+
+    def from_hf(arrays):
+        d = arrays[0].shape[1]
+        grouped = arrays[0].T.reshape(d, groups, total)
+        return [part.reshape(d, -1) for part in np.split(grouped, cuts, axis=2)]
+
+    return Layout(to_hf, from_hf, lambda s: [(groups * total, s[0][0])])
+
+
+def concatenated_convs(widths: Sequence[int]) -> Layout:
+    """ShortConv taps ``[W, C_i]`` (effarch) <-> one depthwise torch Conv1d ``[sum(C), 1, W]`` over the
+    concatenated channels (Qwen3-Next's ``conv1d`` over ``[q, k, v]``)."""
+    cuts = np.cumsum(widths)[:-1]
+    return Layout(to_hf=lambda a: [np.concatenate([k.T for k in a])[:, None, :]],
+                  from_hf=lambda a: [part.T for part in np.split(a[0][:, 0, :], cuts)],
+                  hf_shapes=lambda s: [(sum(widths), 1, s[0][0])])
 
 
 def _fused_gate_up_from_hf(a):
@@ -161,6 +196,8 @@ class Architecture:
       tensors: ``(LMConfig, variant)`` -> every tensor but the LM head.
       embedding: the HF name of the embedding (the tied head's twin).
       variants: the spellings of the tensor table on disk; to_hf writes the first.
+      ignored: name prefixes of stored tensors from_hf leaves unread (parts
+        of the checkpoint transformers' causal LM does not load either).
     """
 
     name: str
@@ -174,6 +211,7 @@ class Architecture:
     tensors: Callable[[Any, str], list[Tensor]]
     embedding: str
     variants: tuple[str, ...] = ("default",)
+    ignored: tuple[str, ...] = ()
 
 
 # --- shared pieces ---------------------------------------------------------------------------
@@ -414,6 +452,8 @@ MAMBA2 = Architecture(
 RG_BLOCKS = {"recurrent": "Q", "attention": "A"}
 # RecurrentGemmaRglru's fixed exponent: a_t = a^(8 r_t).
 RG_LRU_C = 8.0
+# RecurrentGemmaConfig's default partial_rotary_factor.
+RG_ROTARY_FRACTION = 0.5
 
 
 def rg_embed_scale(hidden_size: int) -> float:
@@ -421,15 +461,30 @@ def rg_embed_scale(hidden_size: int) -> float:
     return float(jnp.asarray(hidden_size**0.5, jnp.bfloat16).astype(jnp.float32))
 
 
-def _rope(hf: Mapping[str, Any]) -> tuple[float, float]:
-    """``(rope_theta, partial_rotary_factor)`` from transformers 5's ``rope_parameters`` (or 4's top-level fields)."""
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope_parameters.rope_type={rope['rope_type']!r}; RecurrentGemma supports only "
-                         "'default' rotary embeddings")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
-    return float(theta), float(factor)
+def rope(hf: Mapping[str, Any], default_factor: float, head_dim: int) -> tuple[float, float]:
+    """``(rope_theta, partial_rotary_factor)`` from transformers 5's ``rope_parameters`` (or 4's top-level fields).
+
+    Refuses a rope_type other than "default" and an odd number of rotated channels.
+    """
+    params = hf.get("rope_parameters") or {}
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_parameters.rope_type={params['rope_type']!r}; effarch implements only 'default' "
+                         "rotary embeddings")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    factor = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_factor)))
+    if int(head_dim * factor) != rotary_dim(head_dim, factor):
+        raise ValueError(f"partial_rotary_factor={factor} rotates int(head_dim * factor) = {int(head_dim * factor)} "
+                         f"of head_dim={head_dim} channels; effarch rotates an even number of them")
+    return theta, factor
+
+
+def check_rotary(attention, arch: str) -> dict[str, Any]:
+    """The ``rope_parameters`` of an attention config with a partial rotary of an even channel count."""
+    dh, factor = attention.dim_per_head, attention.rotary_fraction
+    if factor == 0 or int(dh * factor) != rotary_dim(dh, factor):
+        raise ValueError(f"the attention layers have rotary_fraction={factor}; {arch} rotates "
+                         f"int(head_dim * partial_rotary_factor) > 0 channels, an even number")
+    return {"rope_type": "default", "rope_theta": attention.rotary_base, "partial_rotary_factor": factor}
 
 
 def _rg_lm_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -440,11 +495,7 @@ def _rg_lm_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(hf["block_types"]) - set(RG_BLOCKS))
     if unknown:
         raise ValueError(f"block_types has {unknown}; expected entries of {sorted(RG_BLOCKS)}")
-    theta, factor = _rope(hf)
-    head_dim = d // heads
-    if int(head_dim * factor) != rotary_dim(head_dim, factor):
-        raise ValueError(f"partial_rotary_factor={factor} rotates int(head_dim * factor) = {int(head_dim * factor)} "
-                         f"of head_dim={head_dim} channels; effarch rotates an even number of them")
+    theta, factor = rope(hf, RG_ROTARY_FRACTION, d // heads)
     n = hf["num_hidden_layers"]
     letters = "".join(RG_BLOCKS[b] for b in (list(hf["block_types"]) * n)[:n])
     kv_heads = hf["num_key_value_heads"] or heads
@@ -478,15 +529,11 @@ def _rg_hf_fields(config) -> dict[str, Any]:
         if attention.window is None:
             raise ValueError(f"the attention layers are global (window=None), but {arch}'s attention is local "
                              "(attention_window_size)")
-        dh, factor = attention.dim_per_head, attention.rotary_fraction
-        if factor == 0 or int(dh * factor) != rotary_dim(dh, factor):
-            raise ValueError(f"the attention layers have rotary_fraction={factor}; {arch} rotates "
-                             f"int(head_dim * partial_rotary_factor) > 0 channels, an even number")
-        check_mixer(attention, "attention", arch, num_heads=lru.num_heads, qk_norm=False, softcap=None, out_bias=True)
+        check_mixer(attention, "attention", arch, num_heads=lru.num_heads, qk_norm=False, softcap=None, out_bias=True,
+                    output_gate=False)
         fields.update(num_key_value_heads=attention.kv_heads, attention_window_size=attention.window,
-                      attention_bias=attention.use_bias, head_dim=dh,
-                      rope_parameters={"rope_type": "default", "rope_theta": attention.rotary_base,
-                                       "partial_rotary_factor": factor})
+                      attention_bias=attention.use_bias, head_dim=attention.dim_per_head,
+                      rope_parameters=check_rotary(attention, arch))
     # RecurrentGemma repeats block_types and cuts the repetition at num_hidden_layers.
     fields["block_types"] = shortest_cycle(["recurrent" if name == "rglru" else "attention"
                                             for name in mixer_names(config)])
@@ -552,7 +599,7 @@ RECURRENT_GEMMA = Architecture(
 # --- Jamba -----------------------------------------------------------------------------------
 
 _JAMBA_FIXED = {"hidden_act": "silu", "mamba_conv_bias": True, "mamba_proj_bias": False}
-# Jamba's dense MLPs and experts: MistralMLP / MixtralExperts names.
+# GatedMLP parameter -> the HF Linear's name, in Jamba's and Qwen3-Next's MLPs and experts.
 JAMBA_MLP = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
@@ -617,7 +664,7 @@ def _jamba_hf_fields(config) -> dict[str, Any]:
             raise ValueError(f"the attention layers have rotary_fraction={attention.rotary_fraction}, but {arch}'s "
                              "attention has no positional encoding (use rotary_fraction=0)")
         check_mixer(attention, "attention", arch, window=None, qk_norm=False, softcap=None, use_bias=False,
-                    out_bias=False)
+                    out_bias=False, output_gate=False)
         fields.update(num_attention_heads=attention.num_heads, num_key_value_heads=attention.kv_heads,
                       head_dim=attention.dim_per_head)
     return fields
@@ -641,14 +688,18 @@ def _jamba_tensors(config, variant) -> list[Tensor]:
             out += under(ff, mlp, gated_mlp(JAMBA_MLP, bias=False))
             continue
         out.append(tensor(f"{ff}router.weight", f"{mlp}router", "linear"))  # [E, D] <-> [D, E]
-        e = config.moe.num_experts
-        if variant == "per_expert":
-            out += [Tensor(tuple(f"{ff}experts.{j}.{theirs}.weight" for j in range(e)), (path(mlp + ours),),
-                           per_expert(e)) for ours, theirs in JAMBA_MLP.items()]
-        else:
-            out += [Tensor((f"{ff}experts.gate_up_proj",), (path(f"{mlp}gate"), path(f"{mlp}up")), "fused_gate_up"),
-                    tensor(f"{ff}experts.down_proj", f"{mlp}down", "fused_down")]
+        out += experts(config.moe.num_experts, f"{ff}experts.", mlp, variant)
     return out
+
+
+def experts(num_experts: int, hf_prefix: str, mlp: str, variant: str) -> list[Tensor]:
+    """An MoE's expert weights ``mlp/{gate,up,down}``: one tensor per expert (``"per_expert"``, as
+    ``save_pretrained`` writes them) or transformers 5's fused ``gate_up_proj`` and ``down_proj``."""
+    if variant == "per_expert":
+        return [Tensor(tuple(f"{hf_prefix}{j}.{theirs}.weight" for j in range(num_experts)), (path(mlp + ours),),
+                       per_expert(num_experts)) for ours, theirs in JAMBA_MLP.items()]
+    return [Tensor((f"{hf_prefix}gate_up_proj",), (path(f"{mlp}gate"), path(f"{mlp}up")), "fused_gate_up"),
+            tensor(f"{hf_prefix}down_proj", f"{mlp}down", "fused_down")]
 
 
 JAMBA = Architecture(
@@ -670,5 +721,158 @@ JAMBA = Architecture(
     variants=("per_expert", "fused"),
 )
 
+
+# --- Qwen3-Next ------------------------------------------------------------------------------
+
+_QWEN3_NEXT_FIXED = {"hidden_act": "silu", "attention_bias": False}
+# Qwen3NextConfig.layer_types entries <-> effarch pattern letters.
+QWEN3_NEXT_LAYERS = {"linear_attention": "D", "full_attention": "A"}
+# Qwen3NextConfig's default partial_rotary_factor and full_attention_interval.
+QWEN3_NEXT_ROTARY_FRACTION = 0.25
+QWEN3_NEXT_ATTENTION_INTERVAL = 4
+
+
+def _qwen3_next_lm_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    n, heads, head_dim = hf["num_hidden_layers"], hf["num_attention_heads"], hf["head_dim"]
+    kd, vd = hf["linear_key_head_dim"], hf["linear_value_head_dim"]
+    if vd % kd:
+        raise ValueError(f"linear_value_head_dim={vd} is not a multiple of linear_key_head_dim={kd}; effarch's "
+                         "gated_deltanet has value width expand_v * head_dim")
+    layer_types = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % hf.get("full_attention_interval", QWEN3_NEXT_ATTENTION_INTERVAL) == 0
+        else "linear_attention" for i in range(n)]
+    unknown = sorted(set(layer_types) - set(QWEN3_NEXT_LAYERS))
+    if unknown or len(layer_types) != n:
+        raise ValueError(f"layer_types={list(layer_types)}; expected num_hidden_layers={n} entries of "
+                         f"{sorted(QWEN3_NEXT_LAYERS)}")
+    if hf["mlp_only_layers"]:
+        raise ValueError(f"mlp_only_layers={list(hf['mlp_only_layers'])}; effarch places its MoE layers by "
+                         "decoder_sparse_step only (i % moe_every == moe_offset)")
+    theta, factor = rope(hf, QWEN3_NEXT_ROTARY_FRACTION, head_dim)
+    eps = float(hf["rms_norm_eps"])
+    fields = dict(
+        pattern=compact_pattern("".join(QWEN3_NEXT_LAYERS[t] for t in layer_types)),
+        mixers={"D": ("gated_deltanet", dict(head_dim=kd, num_heads=hf["linear_num_key_heads"],
+                                             num_v_heads=hf["linear_num_value_heads"], expand_v=vd // kd,
+                                             conv_size=hf["linear_conv_kernel_dim"], norm_eps=eps)),
+                "A": ("attention", dict(num_heads=heads, num_kv_heads=hf["num_key_value_heads"], head_dim=head_dim,
+                                        rotary_base=theta, rotary_fraction=factor, qk_norm=True, qk_norm_eps=eps,
+                                        qk_norm_zero_centered=True, output_gate=True))},
+        mlp="swiglu", d_ff=hf["intermediate_size"], norm_eps=eps, norm_zero_centered=True,
+    )
+    step = hf["decoder_sparse_step"]
+    if hf["num_experts"] > 0 and step <= n:  # layer i is MoE when (i + 1) % step == 0
+        fields.update(mlp="moe", moe_every=step, moe_offset=step - 1,
+                      moe=dict(num_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"], capacity_factor=None,
+                               d_ff=hf["moe_intermediate_size"], normalize_gates=bool(hf["norm_topk_prob"]),
+                               shared_d_ff=hf["shared_expert_intermediate_size"],
+                               aux_loss_weight=hf["router_aux_loss_coef"]))
+    return fields
+
+
+def _qwen3_next_hf_fields(config) -> dict[str, Any]:
+    arch = QWEN3_NEXT.name
+    check_model(config, arch, embed_scale=None, logits_softcap=None, norm_zero_centered=True, mlp_bias=False)
+    if config.mlp not in ("swiglu", "moe"):
+        raise ValueError(f"mlp={config.mlp!r}, but {arch} blocks have a SwiGLU or MoE MLP (mlp='swiglu' or 'moe')")
+    fields = dict(intermediate_size=config.mlp_width, rms_norm_eps=config.norm_eps, num_experts=0,
+                  decoder_sparse_step=1, mlp_only_layers=[],
+                  layer_types=[{"gated_deltanet": "linear_attention", "attention": "full_attention"}[name]
+                               for name in mixer_names(config)])
+    if config.mlp == "moe":
+        moe = config.moe
+        if moe.capacity_factor is not None:
+            raise ValueError(f"moe.capacity_factor={moe.capacity_factor}, but {arch}'s MoE never drops a token "
+                             "(use moe.capacity_factor=None)")
+        if moe.shared_d_ff is None:
+            raise ValueError(f"moe.shared_d_ff=None, but {arch}'s MoE layers have a shared expert "
+                             "(shared_expert_intermediate_size)")
+        if config.moe_offset != config.moe_every - 1:
+            raise ValueError(f"moe_every={config.moe_every} with moe_offset={config.moe_offset}, but {arch}'s MoE "
+                             "layers are those with (i + 1) % decoder_sparse_step == 0 (moe_offset = moe_every - 1)")
+        fields.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k, decoder_sparse_step=config.moe_every,
+                      moe_intermediate_size=moe.d_ff or config.mlp_width, norm_topk_prob=moe.normalize_gates,
+                      shared_expert_intermediate_size=moe.shared_d_ff, router_aux_loss_coef=moe.aux_loss_weight)
+    deltanet = mixer_config(config, "gated_deltanet")
+    if deltanet.norm_eps != config.norm_eps:
+        raise ValueError(f"the gated_deltanet output norm has norm_eps={deltanet.norm_eps} and the block norms "
+                         f"norm_eps={config.norm_eps}; Qwen3NextConfig has one rms_norm_eps for both")
+    fields.update(linear_key_head_dim=deltanet.head_dim, linear_value_head_dim=deltanet.value_dim,
+                  linear_num_key_heads=deltanet.heads, linear_num_value_heads=deltanet.value_heads,
+                  linear_conv_kernel_dim=deltanet.conv_size)
+    attention = mixer_config(config, "attention")
+    if attention is not None:
+        check_mixer(attention, "attention", arch, qk_norm=True, qk_norm_zero_centered=True,
+                    qk_norm_eps=config.norm_eps, output_gate=True, window=None, softcap=None, use_bias=False,
+                    out_bias=False)
+        fields.update(num_attention_heads=attention.num_heads, num_key_value_heads=attention.kv_heads,
+                      head_dim=attention.dim_per_head, rope_parameters=check_rotary(attention, arch))
+    return fields
+
+
+def _qwen3_next_tensors(config, variant) -> list[Tensor]:
+    out = [tensor("model.embed_tokens.weight", "embed/embedding"), tensor("model.norm.weight", "final_norm/scale")]
+    for i, (spec, name) in enumerate(zip(config.layer_specs, mixer_names(config))):
+        layer, ours = f"model.layers.{i}.", f"layer_{i}/"
+        out += [tensor(f"{layer}input_layernorm.weight", f"{ours}mixer_norm/scale"),
+                tensor(f"{layer}post_attention_layernorm.weight", f"{ours}mlp_norm/scale")]
+        mixer = f"{ours}mixer/"
+        cfg = spec.mixer
+        if name == "gated_deltanet":
+            hk, kd, vd, r = cfg.heads, cfg.head_dim, cfg.value_dim, cfg.value_heads // cfg.heads
+            out += under(f"{layer}linear_attn.", mixer, [
+                # Rows per key head: q [K], k [K], v [r V], z [r V] (the output gate, effarch's g_proj).
+                Tensor(("in_proj_qkvz.weight",), tuple(path(f"{p}_proj/kernel") for p in "qkvg"),
+                       head_groups(hk, [kd, kd, r * vd, r * vd])),
+                # Rows per key head: b [r], a [r].
+                Tensor(("in_proj_ba.weight",), (path("b_proj/kernel"), path("a_proj/kernel")), head_groups(hk, [r, r])),
+                Tensor(("conv1d.weight",), tuple(path(f"conv_{p}/kernel") for p in "qkv"),
+                       concatenated_convs([hk * kd, hk * kd, hk * r * vd])),
+                tensor("A_log", "A_log"),
+                tensor("dt_bias", "dt_bias"),
+                tensor("norm.weight", "o_norm/scale"),
+                tensor("out_proj.weight", "o_proj/kernel", "linear"),
+            ])
+        else:
+            out += under(f"{layer}self_attn.", mixer, [
+                # Rows per head: the query [K], then its output gate [K].
+                Tensor(("q_proj.weight",), (path("q_proj/kernel"), path("g_proj/kernel")),
+                       head_groups(cfg.num_heads, [cfg.dim_per_head, cfg.dim_per_head])),
+                *(tensor(f"{p}_proj.weight", f"{p}_proj/kernel", "linear") for p in "kvo"),
+                tensor("q_norm.weight", "q_norm/scale"),
+                tensor("k_norm.weight", "k_norm/scale"),
+            ])
+        ff, mlp = f"{layer}mlp.", f"{ours}mlp/"
+        if spec.mlp != "moe":
+            out += under(ff, mlp, gated_mlp(JAMBA_MLP, bias=False))
+            continue
+        out += [tensor(f"{ff}gate.weight", f"{mlp}router", "linear"),  # [E, D] <-> [D, E]
+                tensor(f"{ff}shared_expert_gate.weight", f"{mlp}shared_gate/kernel", "linear"),  # [1, D] <-> [D, 1]
+                *under(f"{ff}shared_expert.", f"{mlp}shared/", gated_mlp(JAMBA_MLP, bias=False))]
+        out += experts(config.moe.num_experts, f"{ff}experts.", mlp, variant)
+    return out
+
+
+QWEN3_NEXT = Architecture(
+    name="Qwen3NextForCausalLM",
+    model_type="qwen3_next",
+    mixers=("gated_deltanet", "attention"),
+    defaults={**_QWEN3_NEXT_FIXED, "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+              "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False, "head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+              "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+              "decoder_sparse_step": 1, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+              "num_experts_per_tok": 10, "num_experts": 512, "norm_topk_prob": True, "router_aux_loss_coef": 0.001,
+              "mlp_only_layers": []},
+    fixed=_QWEN3_NEXT_FIXED,
+    lm_fields=_qwen3_next_lm_fields,
+    hf_fields=_qwen3_next_hf_fields,
+    tensors=_qwen3_next_tensors,
+    embedding="model.embed_tokens.weight",
+    variants=("per_expert", "fused"),
+    # The multi-token-prediction head of the released checkpoints (transformers ignores it too).
+    ignored=("mtp.",),
+)
+
 # Every layout, by the class name ``config.json`` gives in ``architectures``.
-ARCHITECTURES = {arch.name: arch for arch in (MAMBA, MAMBA2, RECURRENT_GEMMA, JAMBA)}
+ARCHITECTURES = {arch.name: arch for arch in (MAMBA, MAMBA2, RECURRENT_GEMMA, JAMBA, QWEN3_NEXT)}

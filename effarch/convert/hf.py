@@ -321,7 +321,7 @@ def from_hf(path: PathLike, **overrides) -> tuple[LMConfig, dict[str, Any]]:
     hf = _read_json(folder / CONFIG_FILE, "from_hf")
     arch = _architecture_of(hf, where)
     config = _lm_config(arch, hf, overrides, where)
-    stored = _stored_tensors(folder)
+    stored = {name: t for name, t in _stored_tensors(folder).items() if not name.startswith(arch.ignored)}
     # The first spelling of the table whose names are all stored; the first one names what is missing.
     tables = [_tensor_table(arch, config, variant) for variant in arch.variants]
     table = next((t for t in tables if set(_hf_names(t)) <= set(stored)), tables[0])

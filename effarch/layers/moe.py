@@ -8,7 +8,10 @@ its residual path for that choice) and counted. First choices of all tokens
 take precedence over second choices (GShard's priority), then token order.
 ``capacity_factor=None`` drops nothing: every expert has room for all N tokens
 (the dropless MoE of Mixtral and Jamba, at the price of an ``[E, N, D]``
-buffer).
+buffer). ``normalize_gates`` renormalises the chosen experts' probabilities
+to sum to one (Qwen's ``norm_topk_prob``), and ``shared_d_ff`` adds a shared
+SwiGLU expert every token passes through, weighted by ``sigmoid(w . x)``
+(Qwen2-MoE, Qwen3-Next).
 
 Dispatch sorts the ``N * top_k`` assignments by expert, gives each its rank in
 the expert's queue, and gathers the tokens into an ``[E, capacity, D]`` buffer;
@@ -34,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effarch.layers.mlp import GatedMLP
+
 # Logical axis names of the expert and router weights (docs/models.md).
 EXPERT_IN_AXES = ("expert", "embed", "mlp")
 EXPERT_OUT_AXES = ("expert", "mlp", "embed")
@@ -53,6 +58,10 @@ class MoEConfig:
       aux_loss_weight: weight of the load-balancing loss in the model's
         ``aux_loss``.
       d_ff: hidden width of each expert; None takes the model's ``d_ff``.
+      normalize_gates: the chosen experts' weights are their probabilities
+        renormalised over the top k (else the probabilities themselves).
+      shared_d_ff: width of a shared expert (a SwiGLU on every token, scaled
+        by a learned sigmoid gate); None: no shared expert.
     """
 
     num_experts: int = 8
@@ -60,6 +69,8 @@ class MoEConfig:
     capacity_factor: float | None = 1.25
     aux_loss_weight: float = 0.01
     d_ff: int | None = None
+    normalize_gates: bool = False
+    shared_d_ff: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -73,8 +84,10 @@ class MoEConfig:
                              "(drop nothing).")
         if not self.aux_loss_weight >= 0:
             raise ValueError(f"MoEConfig: aux_loss_weight={self.aux_loss_weight!r}; expected >= 0.")
-        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
-            raise ValueError(f"MoEConfig: d_ff={self.d_ff!r}; expected None or an int >= 1.")
+        for field in ("d_ff", "shared_d_ff"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"MoEConfig: {field}={value!r}; expected None or an int >= 1.")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int:
@@ -88,19 +101,24 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
-def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def route(router_logits: jax.Array, top_k: int, normalize_gates: bool = False
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Softmax router.
 
     Args:
       router_logits: ``[N, E]``.
       top_k: experts per token.
+      normalize_gates: renormalise the gates over the chosen experts.
 
     Returns:
       probs ``[N, E]`` float32, gates ``[N, k]`` (the chosen experts'
-      probabilities), experts ``[N, k]`` int32, best first.
+      probabilities, renormalised to sum to 1 with ``normalize_gates``),
+      experts ``[N, k]`` int32, best first.
     """
     probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
     gates, experts = jax.lax.top_k(probs, top_k)
+    if normalize_gates:
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     return probs, gates, experts.astype(jnp.int32)
 
 
@@ -154,6 +172,7 @@ def moe_forward(
     *,
     top_k: int,
     capacity_factor: float | None,
+    normalize_gates: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The MoE MLP on a flat batch of tokens.
 
@@ -164,6 +183,7 @@ def moe_forward(
       w_down: ``[E, F, D]`` expert output weights.
       top_k: experts per token.
       capacity_factor: see :class:`MoEConfig`.
+      normalize_gates: see :class:`MoEConfig`.
 
     Returns:
       ``y [N, D]`` and ``{"moe_aux_loss", "moe_dropped_fraction"}`` scalars.
@@ -171,7 +191,7 @@ def moe_forward(
     n, d = x.shape
     e = router.shape[-1]
     cap = expert_capacity(n, e, top_k, capacity_factor)
-    probs, gates, experts = route(x.astype(jnp.float32) @ router.astype(jnp.float32), top_k)
+    probs, gates, experts = route(x.astype(jnp.float32) @ router.astype(jnp.float32), top_k, normalize_gates)
 
     # Assignments in priority order: all first choices, then all second, ...
     assigned_expert = experts.T.reshape(-1)  # [k*N]
@@ -198,12 +218,12 @@ def moe_forward(
     return y, aux
 
 
-def moe_reference(x, router, w_gate, w_up, w_down, *, top_k: int) -> jax.Array:
+def moe_reference(x, router, w_gate, w_up, w_down, *, top_k: int, normalize_gates: bool = False) -> jax.Array:
     """Reference MoE without capacity: every expert on every token, masked by routing.
 
     ``x [N, D] -> [N, D]``; equals :func:`moe_forward` when nothing is dropped.
     """
-    probs, gates, experts = route(x.astype(jnp.float32) @ router.astype(jnp.float32), top_k)
+    probs, gates, experts = route(x.astype(jnp.float32) @ router.astype(jnp.float32), top_k, normalize_gates)
     weight = jnp.zeros_like(probs).at[jnp.arange(x.shape[0])[:, None], experts].set(gates)  # [N, E]
     every = jnp.stack(
         [(jax.nn.silu(x @ w_gate[i]) * (x @ w_up[i])) @ w_down[i] for i in range(router.shape[-1])],
@@ -250,5 +270,12 @@ class MoE(nn.Module):
             w_down.astype(self.dtype),
             top_k=cfg.top_k,
             capacity_factor=cfg.capacity_factor,
+            normalize_gates=cfg.normalize_gates,
         )
-        return y.reshape(b, t, d), aux
+        y = y.reshape(b, t, d)
+        if cfg.shared_d_ff is not None:
+            x = x.astype(self.dtype)
+            shared = GatedMLP(d_ff=cfg.shared_d_ff, dtype=self.dtype, param_dtype=self.param_dtype, name="shared")(x)
+            gate = nn.Dense(1, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="shared_gate")(x)
+            y = y + jax.nn.sigmoid(gate) * shared  # [B,T,1] * [B,T,D]
+        return y, aux

@@ -1,4 +1,4 @@
-"""Causal softmax attention: MHA, GQA, MQA, sliding window, QK-norm, softcap.
+"""Causal softmax attention: MHA, GQA, MQA, sliding window, QK-norm, softcap, output gate.
 
 The unbounded-state limit of the one recurrence (docs/design.md §1): the
 "state" is the KV cache. ``num_kv_heads`` picks MHA (= num_heads), GQA or MQA
@@ -6,6 +6,8 @@ The unbounded-state limit of the one recurrence (docs/design.md §1): the
 optional RMS QK-norm (Dehghani et al., 2023) and a tanh logit softcap
 (Gemma 2). ``window`` gives local attention: each query sees the ``window``
 most recent keys, itself included (Longformer / Mistral style).
+``output_gate`` multiplies each head's output by ``sigmoid(W_g x)`` before the
+output projection (gated attention; Qiu et al., 2025, as in Qwen3-Next).
 
 The decode cache holds the last ``L`` keys and values, ``L = window`` for local
 attention (memory O(window)) and ``L = max_len`` otherwise, in a ring buffer:
@@ -50,9 +52,14 @@ class AttentionConfig(MixerConfig):
       rotary_fraction: share of each head's channels that are rotated (0: no
         rotary embedding).
       qk_norm: RMS-normalise q and k per head before the rotation.
+      qk_norm_eps: epsilon of those norms.
+      qk_norm_zero_centered: their scales are stored as offsets from 1
+        (``(1 + scale)``, Qwen3-Next's Gemma-style norms).
       softcap: ``c`` soft-caps logits to ``c * tanh(logit / c)`` (None: off).
       use_bias: biases on the q, k, v projections.
       out_bias: a bias on the output projection (RecurrentGemma has one).
+      output_gate: gate every output channel by ``sigmoid(W_g x)`` (its own
+        projection ``g_proj``, with a bias when ``use_bias``).
       chunk_size: block length of the ``"chunked"`` implementation.
     """
 
@@ -71,9 +78,12 @@ class AttentionConfig(MixerConfig):
     rotary_base: float = 10_000.0
     rotary_fraction: float = 1.0
     qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
+    qk_norm_zero_centered: bool = False
     softcap: float | None = None
     use_bias: bool = False
     out_bias: bool = False
+    output_gate: bool = False
     chunk_size: int = 256
 
     def __post_init__(self):
@@ -93,6 +103,8 @@ class AttentionConfig(MixerConfig):
             raise ValueError(f"attention: softcap={self.softcap}; expected > 0 or None.")
         if self.chunk_size < 1:
             raise ValueError(f"attention: chunk_size={self.chunk_size}; expected >= 1.")
+        if not self.qk_norm_eps > 0:
+            raise ValueError(f"attention: qk_norm_eps={self.qk_norm_eps}; expected > 0.")
 
     @property
     def kv_heads(self) -> int:
@@ -140,8 +152,10 @@ class Attention(Mixer):
         k = rec.split_heads(self.proj(hkv * dh, "k_proj", use_bias=cfg.use_bias)(x), hkv)  # [B,T,Hkv,K]
         v = rec.split_heads(self.proj(hkv * dh, "v_proj", use_bias=cfg.use_bias)(x), hkv)
         if cfg.qk_norm:
-            q = RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="q_norm")(q)
-            k = RMSNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="k_norm")(k)
+            norm = dict(eps=cfg.qk_norm_eps, zero_centered=cfg.qk_norm_zero_centered, dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype)
+            q = RMSNorm(**norm, name="q_norm")(q)
+            k = RMSNorm(**norm, name="k_norm")(k)
         if cfg.rotary_fraction > 0 and rotary_dim(dh, cfg.rotary_fraction) > 0:
             positions = token_positions(t, start=None if cache is None else cache.position,
                                         segment_ids=segment_ids)
@@ -159,7 +173,10 @@ class Attention(Mixer):
             o, cache = self.decode_step(q, k, v, cache)
         else:
             o, cache = self.extend(q, k, v, cache, attend)
-        return self.proj(cfg.d_model, "o_proj", use_bias=cfg.out_bias)(rec.merge_heads(o)), cache
+        o = rec.merge_heads(o)  # [B,T,H*K]
+        if cfg.output_gate:
+            o = o * jax.nn.sigmoid(self.proj(h * dh, "g_proj", use_bias=cfg.use_bias)(x)).astype(o.dtype)
+        return self.proj(cfg.d_model, "o_proj", use_bias=cfg.out_bias)(o), cache
 
     @nn.nowrap
     def decode_step(self, q, k, v, cache: KVCache):

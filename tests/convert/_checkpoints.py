@@ -59,6 +59,24 @@ CASES = {
                                        attn_layer_offset=0, num_experts=3, num_experts_per_tok=1,
                                        expert_layer_period=3, expert_layer_offset=2, mamba_d_state=8,
                                        mamba_d_conv=4, mamba_expand=1, tie_word_embeddings=True)),
+    # Gated DeltaNet with twice the value heads, gated attention (head_dim 8, a quarter rotated)
+    # every fourth layer, MoE (top 2 of 4, renormalised, a shared expert) every other layer.
+    "qwen3next-moe": ("Qwen3NextConfig", dict(hidden_size=32, intermediate_size=40, num_hidden_layers=4,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                              linear_num_key_heads=2, linear_num_value_heads=4,
+                                              linear_key_head_dim=8, linear_value_head_dim=8,
+                                              linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=12, shared_expert_intermediate_size=20,
+                                              decoder_sparse_step=2, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    # Every layer MoE (top 1 of 3, not renormalised), values twice the keys' width, two attention layers, tied.
+    "qwen3next-tied": ("Qwen3NextConfig", dict(hidden_size=32, intermediate_size=24, num_hidden_layers=4,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                               layer_types=["linear_attention", "full_attention"] * 2,
+                                               linear_num_key_heads=2, linear_num_value_heads=2,
+                                               linear_key_head_dim=4, linear_value_head_dim=8,
+                                               linear_conv_kernel_dim=3, num_experts=3, num_experts_per_tok=1,
+                                               norm_topk_prob=False, moe_intermediate_size=16,
+                                               shared_expert_intermediate_size=8, tie_word_embeddings=True)),
 }
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -294,6 +295,48 @@ def test_to_hf_recurrent_gemma_configs_without_a_layout(saved_rgemma, out, chang
 ], ids=["capacity", "rotary", "attention_layers", "geglu", "two_epsilons"])
 def test_to_hf_jamba_configs_without_a_layout(saved_jamba, out, change, message):
     config, params = convert.from_hf(saved_jamba)
+    with pytest.raises(ValueError, match=message):
+        convert.to_hf(change(config), params, out)
+    assert_nothing_written(out)
+
+
+# Qwen3-Next.
+
+
+@pytest.fixture(scope="module")
+def saved_qwen3_next(tmp_path_factory):
+    """Qwen3-Next: D 32, layers DDDA, MoE on layers 1 and 3."""
+    return _checkpoints.save(_checkpoints.hf_model("qwen3next-moe"), tmp_path_factory.mktemp("qwen3next") / "hf")
+
+
+def test_qwen3_next_explicit_dense_layers_are_refused(saved_qwen3_next, tmp_path):
+    folder = copy_of(saved_qwen3_next, tmp_path)
+    edit_config(folder, mlp_only_layers=[1])
+    with pytest.raises(ValueError, match=r"mlp_only_layers=\[1\]; effarch places its MoE layers by "
+                                         r"decoder_sparse_step only"):
+        convert.from_hf(folder)
+
+
+def test_qwen3_next_multi_token_prediction_tensors_are_ignored(saved_qwen3_next, tmp_path):
+    folder = copy_of(saved_qwen3_next, tmp_path)
+    edit_tensors(folder, lambda t: t.update({"mtp.fc.weight": np.ones((32, 64), np.float32)}))
+    config, params = convert.from_hf(folder)
+    expected_config, expected_params = convert.from_hf(saved_qwen3_next)
+    assert config == expected_config
+    jax.tree.map(np.testing.assert_array_equal, params, expected_params)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: dataclasses.replace(c, moe={**dataclasses.asdict(c.moe), "shared_d_ff": None}),
+     r"moe\.shared_d_ff=None, but Qwen3NextForCausalLM's MoE layers have a shared expert"),
+    (lambda c: dataclasses.replace(c, moe_offset=0), r"moe_every=2 with moe_offset=0, but Qwen3NextForCausalLM's MoE "
+                                                     r"layers are those with \(i \+ 1\) % decoder_sparse_step == 0"),
+    (lambda c: with_mixer(c, "A", output_gate=False), r"the attention layers have output_gate=False, but "
+                                                      r"Qwen3NextForCausalLM's have output_gate=True"),
+    (lambda c: dataclasses.replace(c, norm_zero_centered=False), r"norm_zero_centered=False, but Qwen3NextForCausalLM"),
+], ids=["no_shared_expert", "moe_offset", "no_output_gate", "plain_norms"])
+def test_to_hf_qwen3_next_configs_without_a_layout(saved_qwen3_next, out, change, message):
+    config, params = convert.from_hf(saved_qwen3_next)
     with pytest.raises(ValueError, match=message):
         convert.to_hf(change(config), params, out)
     assert_nothing_written(out)

@@ -51,6 +51,29 @@ def test_out_bias_is_added_to_the_output():
     assert_relative_close(_apply(biased, params), _apply(plain, without) + bias, name="out_bias")
 
 
+def test_output_gate_scales_each_channel_by_a_sigmoid_of_its_projection():
+    gated = mixers.build("attention", d_model=D, num_heads=2, output_gate=True)
+    plain = mixers.build("attention", d_model=D, num_heads=2)
+    params = gated.init(jax.random.PRNGKey(1), X)
+    p = params["params"]
+    inner = {"params": {**{k: v for k, v in p.items() if k != "g_proj"}, "o_proj": {"kernel": jnp.eye(D)}}}
+    heads = _apply(plain, inner)  # the heads' outputs, before o_proj
+    expected = (heads * jax.nn.sigmoid(X @ p["g_proj"]["kernel"])) @ p["o_proj"]["kernel"]
+    assert_relative_close(_apply(gated, params), expected, name="output gate")
+
+
+def test_zero_centered_qk_norm_is_a_reparametrisation():
+    zero = mixers.build("attention", d_model=D, num_heads=2, qk_norm=True, qk_norm_zero_centered=True,
+                        qk_norm_eps=1e-5)
+    plain = mixers.build("attention", d_model=D, num_heads=2, qk_norm=True, qk_norm_eps=1e-5)
+    params = zero.init(jax.random.PRNGKey(1), X)
+    offsets = {n: {"scale": 0.3 * jax.random.normal(jax.random.PRNGKey(i), (8,))}
+               for i, n in enumerate(("q_norm", "k_norm"))}
+    params = {"params": {**params["params"], **offsets}}
+    shifted = {"params": {**params["params"], **{n: {"scale": 1.0 + v["scale"]} for n, v in offsets.items()}}}
+    assert_relative_close(_apply(zero, params), _apply(plain, shifted), name="(1 + scale)")
+
+
 def test_local_attention_cache_is_the_window():
     local = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2, window=8)
     cache = local.init_cache(3, 10_000, jnp.bfloat16)

@@ -16,6 +16,7 @@ from effarch.layers.moe import (
     queue_positions,
     route,
 )
+from effarch.layers.mlp import swiglu_reference
 from effarch.models import LM, LMConfig
 from effarch.testing import assert_relative_close
 
@@ -74,6 +75,30 @@ def test_no_capacity_factor_drops_nothing_however_skewed_the_routing():
     y, aux = moe_forward(x, skewed, *experts_w, top_k=top_k, capacity_factor=None)
     assert float(aux["moe_dropped_fraction"]) == 0.0
     assert_relative_close(y, moe_reference(x, skewed, *experts_w, top_k=top_k), name="y without capacity")
+
+
+def test_normalized_gates_sum_to_one_and_match_the_reference():
+    num_experts, top_k = 5, 3
+    x, *weights = _weights(num_experts, seed=3)
+    _, gates, _ = route(x @ weights[0], top_k, normalize_gates=True)
+    np.testing.assert_allclose(np.sum(gates, axis=-1), 1.0, rtol=1e-6)
+    y, _ = moe_forward(x, *weights, top_k=top_k, capacity_factor=None, normalize_gates=True)
+    assert_relative_close(y, moe_reference(x, *weights, top_k=top_k, normalize_gates=True), name="y")
+
+
+def test_shared_expert_adds_a_sigmoid_gated_swiglu():
+    config = MoEConfig(num_experts=3, top_k=1, capacity_factor=None, shared_d_ff=7)
+    x = jax.random.normal(jax.random.PRNGKey(4), (B, T, D))
+    moe = MoE(config=config, d_ff=F)
+    variables = nn.unbox(moe.init(jax.random.PRNGKey(5), x))
+    p = variables["params"]
+    assert p["shared"]["gate"]["kernel"].shape == (D, 7) and p["shared_gate"]["kernel"].shape == (D, 1)
+    y, _ = moe.apply(variables, x)
+    routed, _ = MoE(config=MoEConfig(num_experts=3, top_k=1, capacity_factor=None), d_ff=F).apply(
+        {"params": {k: v for k, v in p.items() if not k.startswith("shared")}}, x)
+    shared = swiglu_reference(x, p["shared"]["gate"]["kernel"], p["shared"]["up"]["kernel"],
+                              p["shared"]["down"]["kernel"])
+    assert_relative_close(y, routed + jax.nn.sigmoid(x @ p["shared_gate"]["kernel"]) * shared, name="y")
 
 
 def test_small_capacity_drops_and_reports_fraction():
