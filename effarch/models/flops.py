@@ -121,15 +121,24 @@ def mixer_flops(mixer_cfg, seq_len: int) -> dict[str, Any]:
     return {"core_counted": True, **{k: (float(v) if k != "core_counted" else v) for k, v in out.items()}}
 
 
-def mlp_flops(config: LMConfig) -> float:
-    """Forward FLOPs per token of one block's MLP."""
-    d = config.d_model
-    if config.mlp == "none":
+def mlp_flops(config: LMConfig, kind: str | None = None) -> float:
+    """Forward FLOPs per token of one block's MLP of ``kind`` (a ``LayerSpec.mlp``; default ``config.mlp``).
+
+    Gated MLPs (SwiGLU, GeGLU) are three D x F matrices; an MoE layer runs
+    ``top_k`` experts, its router, and a shared expert with its gate if it has one.
+    """
+    d, kind = config.d_model, kind or config.mlp
+    if kind == "none":
         return 0.0
-    if config.mlp == "swiglu":
+    if kind in ("swiglu", "geglu"):
         return 6.0 * d * config.mlp_width
-    width = config.moe.d_ff or config.mlp_width
-    return config.moe.top_k * 6.0 * d * width + 2.0 * d * config.moe.num_experts
+    if kind != "moe":
+        raise ValueError(f"mlp_flops: MLP kind {kind!r}; expected one of none, swiglu, geglu, moe.")
+    moe = config.moe
+    out = moe.top_k * 6.0 * d * (moe.d_ff or config.mlp_width) + 2.0 * d * moe.num_experts
+    if moe.shared_d_ff is not None:
+        out += 6.0 * d * moe.shared_d_ff + 2.0 * d
+    return out
 
 
 def flops_breakdown(config: LMConfig, seq_len: int) -> dict[str, Any]:
@@ -146,7 +155,7 @@ def flops_breakdown(config: LMConfig, seq_len: int) -> dict[str, Any]:
     layers = [mixer_flops(spec.mixer, seq_len) for spec in config.layer_specs]
     out = {
         "head": 2.0 * config.d_model * config.vocab_size,
-        "mlp": mlp_flops(config) * config.n_layers,
+        "mlp": sum(mlp_flops(config, spec.mlp) for spec in config.layer_specs),
         "mixer_projections": sum(x["projections"] for x in layers),
         "mixer_core": sum(x["core"] for x in layers),
         "conv": sum(x["conv"] for x in layers),

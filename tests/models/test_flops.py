@@ -9,6 +9,8 @@ training. (The delta-rule mixers are not checked this way: their triangular
 solve is a ``fori_loop`` whose body XLA's cost analysis counts once.)
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -128,3 +130,20 @@ def test_other_mixers_count_projections_and_say_the_core_is_not_counted():
     parts = flops_breakdown(cfg, 64)
     assert not parts["core_counted"]
     assert parts["mixer_projections"] > 0 and parts["mixer_core"] == 0
+
+
+def test_mlp_count_follows_each_layers_kind():
+    """Only the layers that moe_every makes MoE count experts; GeGLU counts as a gated MLP; shared experts count."""
+    from effarch.layers.moe import MoEConfig  # pylint: disable=import-outside-toplevel
+
+    moe = MoEConfig(num_experts=4, top_k=2, d_ff=32)
+    dense = LMConfig(d_model=64, n_layers=4, pattern="M", d_ff=96, mlp="swiglu", max_len=128)
+    mixed = dataclasses.replace(dense, mlp="moe", moe=moe, moe_every=2, moe_offset=1)
+    kinds = [spec.mlp for spec in mixed.layer_specs]
+    assert kinds.count("moe") == 2, kinds
+    per_dense, per_moe = 6.0 * 64 * 96, 2 * 6.0 * 64 * 32 + 2.0 * 64 * 4
+    assert flops_lib.flops_breakdown(mixed, 128)["mlp"] == 2 * per_dense + 2 * per_moe
+    geglu = dataclasses.replace(dense, mlp="geglu")
+    assert flops_lib.flops_breakdown(geglu, 128)["mlp"] == flops_lib.flops_breakdown(dense, 128)["mlp"]
+    shared = dataclasses.replace(mixed, moe=dataclasses.replace(moe, shared_d_ff=48))
+    assert flops_lib.flops_breakdown(shared, 128)["mlp"] == 2 * per_dense + 2 * (per_moe + 6.0 * 64 * 48 + 2.0 * 64)
