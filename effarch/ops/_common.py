@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,25 +58,92 @@ def log_once(message: str) -> None:
 # Empty: the kernels are verified in interpret mode only so far (no GPU/TPU run).
 VERIFIED_KERNELS: dict[str, tuple[str, ...]] = {}
 
+# The ops with a Pallas kernel ("pallas" in their implementations).
+KERNEL_OPS = ("linear_attention", "selective_scan", "linear_scan")
 
-def auto_chunked_until_kernel_verified(op: str) -> Callable[[str], str]:
-    """The ``auto`` policy of an op with XLA ``"chunked"`` and ``"pallas"`` forms.
 
-    Returns ``"pallas"`` on platforms listed in ``VERIFIED_KERNELS[op]``, else
-    ``"chunked"``, logging once on a GPU/TPU why the kernel was not chosen.
+class Choice(NamedTuple):
+    """The forms ``"auto"`` runs: ``forward`` when no gradient is taken, else ``training``."""
+
+    forward: str
+    training: str
+
+
+# docs/design.md §3, "The auto policy": the fastest form on CPU, forward only
+# and forward+backward, as measured by benchmarks/auto_policy.py
+# (docs/results/auto_policy/). Every CPU entry is backed by a row there.
+CPU_POLICY: dict[str, Choice] = {
+    "linear_scan": Choice(forward="recurrent", training="recurrent"),
+    "selective_scan": Choice(forward="chunked", training="chunked"),
+    "linear_attention": Choice(forward="recurrent", training="chunked"),
+    "delta_rule": Choice(forward="recurrent", training="chunked"),
+    "generalized_delta_rule": Choice(forward="recurrent", training="chunked"),
+}
+
+
+def auto_policy(op: str, platform_name: str) -> Choice:
+    """What ``implementation="auto"`` runs for ``op`` on ``platform_name``.
+
+    CPU: the measured ``CPU_POLICY``. GPU/TPU: ``"pallas"`` where
+    ``VERIFIED_KERNELS[op]`` lists the platform, else the XLA ``"chunked"``
+    form for both uses (no form has been timed on a device yet), logging once
+    why an op with a kernel did not get it.
     """
+    if platform_name == "cpu":
+        return CPU_POLICY[op]
+    if platform_name in VERIFIED_KERNELS.get(op, ()):
+        return Choice("pallas", "pallas")
+    if op in KERNEL_OPS:
+        log_once(
+            f"{op}(implementation='auto') uses the XLA chunked form on {platform_name}: "
+            "its Pallas kernel is verified in interpret mode only; pass "
+            "implementation='pallas' to use it.")
+    return Choice("chunked", "chunked")
 
-    def auto(platform_name: str) -> str:
-        if platform_name in VERIFIED_KERNELS.get(op, ()):
-            return "pallas"
-        if platform_name in ("gpu", "tpu"):
-            log_once(
-                f"{op}(implementation='auto') uses the XLA chunked form on {platform_name}: "
-                "its Pallas kernel is verified in interpret mode only; pass "
-                "implementation='pallas' to use it.")
-        return "chunked"
 
-    return auto
+def resolve_forms(op: str, implementation: str, supported: Sequence[str]) -> Choice:
+    """Validates ``implementation``; ``"auto"`` becomes this platform's :func:`auto_policy`.
+
+    An explicit name runs that form whether or not a gradient is taken.
+    """
+    check_implementation(op, implementation, supported)
+    if implementation == "auto":
+        return auto_policy(op, platform())
+    return Choice(implementation, implementation)
+
+
+def run_forms(choice: Choice, form: Callable[[str], Callable], *args):
+    """Runs ``form(choice.forward)(*args)``, differentiated as ``form(choice.training)``.
+
+    When the two forms differ, a ``jax.custom_vjp`` holds them together: a call
+    that is not differentiated (no ``jax.grad``/``jax.vjp`` around it, inside
+    ``jit`` or not) traces only the forward form; under differentiation JAX
+    calls the rule ``fwd``, which runs the training form and keeps its VJP, so
+    the values and gradients are exactly the training form's. Forward-mode
+    (``jax.jvp``) is not supported by such a call.
+
+    Args:
+      choice: the two forms.
+      form: maps a form's name to a function of ``args`` (pytrees of arrays or
+        None; static options are bound inside it).
+      args: the arrays.
+    """
+    if choice.forward == choice.training:
+        return form(choice.forward)(*args)
+    forward, training = form(choice.forward), form(choice.training)
+
+    @jax.custom_vjp
+    def call(*args):
+        return forward(*args)
+
+    def fwd(*args):
+        return jax.vjp(training, *args)  # (outputs, VJP function: a pytree of residuals)
+
+    def bwd(vjp, cotangents):
+        return vjp(cotangents)
+
+    call.defvjp(fwd, bwd)
+    return call(*args)
 
 
 def resolve_implementation(

@@ -39,7 +39,7 @@ from effarch.op_contract import (
     pad_to_multiple,
     segment_starts,
 )
-from effarch.ops._common import resolve_implementation, segsum
+from effarch.ops._common import resolve_forms, run_forms, segsum
 from effarch.typing import Float, Keys, Queries, SegmentIds, State, Values, Array
 
 _DELTA_SUPPORTED = ("auto", "recurrent", "chunked")
@@ -137,7 +137,8 @@ def delta_rule(
       chunk_size: tokens per chunk of the chunked form (T is padded internally).
       implementation: ``"recurrent"`` (``lax.scan`` over steps, the reference),
         ``"chunked"`` (WY / UT transform inside chunks, scan across chunks) or
-        ``"auto"`` (chunked).
+        ``"auto"`` (docs/design.md §3: on CPU recurrent when no gradient is
+        taken, chunked under ``jax.grad``; chunked on GPU/TPU).
 
     Returns:
       ``(o, S)``: ``o [B,T,H,V]`` in ``v.dtype``; ``S [B,H,K,V]`` float32 or None.
@@ -157,20 +158,17 @@ def delta_rule(
             )
         check_dims(op, dims, log_decay=(log_decay, "BTH"))
     _check_common(op, q, segment_ids, chunk_size)
-    implementation = resolve_implementation(
-        op, implementation, _DELTA_SUPPORTED, lambda platform: "chunked"
-    )
+    choice = resolve_forms(op, implementation, _DELTA_SUPPORTED)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if log_decay is None:
         log_decay = jnp.zeros(beta.shape, jnp.float32)
-    if implementation == "recurrent":
-        o, state = _delta_rule_recurrent(
-            q, k, v, beta, log_decay, scale, initial_state, segment_ids
-        )
-    else:
-        o, state = _delta_rule_chunked(
-            q, k, v, beta, log_decay, scale, initial_state, segment_ids, chunk_size
-        )
+
+    def form(name):  # a function of the arrays, scale and chunk_size bound
+        if name == "recurrent":
+            return lambda *arrays: _delta_rule_recurrent(*arrays, scale=scale)
+        return lambda *arrays: _delta_rule_chunked(*arrays, scale=scale, chunk_size=chunk_size)
+
+    o, state = run_forms(choice, form, q, k, v, beta, log_decay, initial_state, segment_ids)
     return o, state if return_final_state else None
 
 
@@ -223,7 +221,7 @@ def generalized_delta_rule(
         decay vector per pair of steps in a chunk, ``O(T C K)`` memory per head.
       implementation: ``"recurrent"`` (``lax.scan`` over steps, the reference),
         ``"chunked"`` (triangular solve inside chunks, scan across chunks) or
-        ``"auto"`` (chunked).
+        ``"auto"`` (as for :func:`delta_rule`, docs/design.md §3).
 
     Returns:
       ``(o, S)``: ``o [B,T,H,V]`` in ``v.dtype``; ``S [B,H,K,V]`` float32 or None.
@@ -239,19 +237,15 @@ def generalized_delta_rule(
         initial_state=(initial_state, "BHKV"),
     )
     _check_common(op, q, segment_ids, chunk_size)
-    implementation = resolve_implementation(
-        op, implementation, _GENERALIZED_SUPPORTED, lambda platform: "chunked"
-    )
+    choice = resolve_forms(op, implementation, _GENERALIZED_SUPPORTED)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if implementation == "recurrent":
-        o, state = _recurrent(
-            _generalized_update, (k, v, a, b, log_decay), q, scale, initial_state,
-            segment_ids, v.shape[-1], v.dtype,
-        )
-    else:
-        o, state = _generalized_chunked(
-            q, k, v, a, b, log_decay, scale, initial_state, segment_ids, chunk_size
-        )
+
+    def form(name):  # a function of the arrays, scale and chunk_size bound
+        if name == "recurrent":
+            return lambda *arrays: _generalized_recurrent(*arrays, scale=scale)
+        return lambda *arrays: _generalized_chunked(*arrays, scale=scale, chunk_size=chunk_size)
+
+    o, state = run_forms(choice, form, q, k, v, a, b, log_decay, initial_state, segment_ids)
     return o, state if return_final_state else None
 
 
@@ -321,9 +315,16 @@ def _recurrent(
     return jnp.moveaxis(o, 0, 1).astype(out_dtype), final_state
 
 
-def _delta_rule_recurrent(q, k, v, beta, log_decay, scale, initial_state, segment_ids):
+def _delta_rule_recurrent(q, k, v, beta, log_decay, initial_state, segment_ids, *, scale):
     return _recurrent(
         _delta_update, (k, v, beta, log_decay), q, scale, initial_state,
+        segment_ids, v.shape[-1], v.dtype,
+    )
+
+
+def _generalized_recurrent(q, k, v, a, b, log_decay, initial_state, segment_ids, *, scale):
+    return _recurrent(
+        _generalized_update, (k, v, a, b, log_decay), q, scale, initial_state,
         segment_ids, v.shape[-1], v.dtype,
     )
 
@@ -362,7 +363,7 @@ def _from_chunks(o, time: int, out_dtype):
 
 
 def _delta_rule_chunked(
-    q, k, v, beta, log_decay, scale, initial_state, segment_ids, chunk_size
+    q, k, v, beta, log_decay, initial_state, segment_ids, *, scale, chunk_size
 ):
     """The chunked delta rule, exact up to float rounding.
 
@@ -443,7 +444,7 @@ def _delta_rule_chunked(
 
 
 def _generalized_chunked(
-    q, k, v, a, b, log_decay, scale, initial_state, segment_ids, chunk_size
+    q, k, v, a, b, log_decay, initial_state, segment_ids, *, scale, chunk_size
 ):
     """The chunked generalized delta rule, exact up to float rounding.
 

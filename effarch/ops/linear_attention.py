@@ -13,6 +13,11 @@ Three forms compute it, and tests hold them equal:
 * ``"chunked"``: quadratic inside chunks of ``C`` steps, the recurrence across
   chunk boundaries (Yang et al. 2023, GLA, section 3.2).
 
+``"auto"`` follows the measured policy of docs/design.md §3
+(``effarch.ops._common.auto_policy``): on CPU the recurrence when no gradient
+is taken and the chunked form under ``jax.grad``; on GPU/TPU the chunked form
+until the Pallas kernel is verified there.
+
 Every ``exp`` in the parallel forms takes an argument ``<= 0`` (a sum of log
 decays between two steps), and masked entries are masked in the exponent, so a
 decay of ``-20`` per step over thousands of steps gives neither inf nor NaN,
@@ -83,21 +88,26 @@ def linear_attention(
     """
     log_decay = check_linear_attention_inputs(q, k, v, log_decay, initial_state, segment_ids,
                                               chunk_size)
-    impl = _common.resolve_implementation(
-        OP, implementation, SUPPORTED, _common.auto_chunked_until_kernel_verified(OP))
+    choice = _common.resolve_forms(OP, implementation, SUPPORTED)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if impl == "pallas":
-        o, state = kernel.chunked_linear_attention(
-            q, k, v, log_decay, scale=scale, initial_state=initial_state,
-            return_final_state=return_final_state, segment_ids=segment_ids,
-            chunk_size=chunk_size)
-        return o, state
-    form = {"recurrent": recurrent, "quadratic": quadratic, "chunked": chunked}[impl]
-    kwargs = {"chunk_size": chunk_size} if impl == "chunked" else {}
-    o, state = form(q, k, v, log_decay, scale=scale, initial_state=initial_state,
-                    segment_ids=segment_ids, **kwargs)
-    return o.astype(v.dtype), (state if return_final_state else None)
+
+    def form(name):  # a function of the arrays, scale and chunk_size bound
+        if name == "pallas":
+            return lambda q, k, v, g, s0, ids: kernel.chunked_linear_attention(
+                q, k, v, g, scale=scale, initial_state=s0, return_final_state=True,
+                segment_ids=ids, chunk_size=chunk_size)
+        fn = {"recurrent": recurrent, "quadratic": quadratic, "chunked": chunked}[name]
+        kwargs = {"chunk_size": chunk_size} if name == "chunked" else {}
+
+        def run(q, k, v, g, s0, ids):
+            o, state = fn(q, k, v, g, scale=scale, initial_state=s0, segment_ids=ids, **kwargs)
+            return o.astype(v.dtype), state
+
+        return run
+
+    o, state = _common.run_forms(choice, form, q, k, v, log_decay, initial_state, segment_ids)
+    return o, (state if return_final_state else None)
 
 
 def _f32(*xs):

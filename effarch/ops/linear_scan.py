@@ -7,8 +7,9 @@ per channel. Forms (the same numbers within tolerance):
       ``(a, x)`` compose as ``(a_r a_l, a_r x_l + x_r)``; its working set is the
       ``[B,T,D]`` output itself.
   "pallas": the kernels of ``pallas_kernels.linear_scan``.
-  "auto": "chunked", until the kernel is verified on a GPU/TPU
-          (``effarch.ops._common.VERIFIED_KERNELS``).
+  "auto": the measured policy of docs/design.md §3 (``effarch.ops._common.auto_policy``):
+          on CPU "recurrent"; on GPU/TPU "chunked" until the kernel is verified
+          there (``effarch.ops._common.VERIFIED_KERNELS``).
 """
 
 from __future__ import annotations
@@ -24,11 +25,9 @@ OP = "linear_scan"
 SUPPORTED = ("auto", "recurrent", "chunked", "pallas")
 
 
-def resolve(implementation: str) -> str:
-    """Validates ``implementation`` and resolves ``"auto"`` for this platform."""
-    return _common.resolve_implementation(
-        OP, implementation, SUPPORTED, _common.auto_chunked_until_kernel_verified(OP)
-    )
+def resolve(implementation: str) -> _common.Choice:
+    """Validates ``implementation``; ``"auto"`` becomes this platform's (forward, training) forms."""
+    return _common.resolve_forms(OP, implementation, SUPPORTED)
 
 
 def linear_scan(
@@ -59,15 +58,16 @@ def linear_scan(
       ValueError: bad shapes, non-integer segment_ids or an unknown implementation.
     """
     check_linear_scan_inputs(x, a, initial_state, segment_ids)
-    implementation = resolve(implementation)
-    kwargs = dict(initial_state=initial_state, segment_ids=segment_ids)
-    if implementation == "pallas":
-        h, h_final = kernel.linear_scan(x, a, **kwargs)
-    elif implementation == "recurrent":
-        h, h_final = linear_scan_recurrent(x, a, **kwargs)
-    else:
-        h, h_final = linear_scan_chunked(x, a, **kwargs)
+    h, h_final = _common.run_forms(resolve(implementation), _form, x, a, initial_state, segment_ids)
     return h, (h_final if return_final_state else None)
+
+
+def _form(name: str):
+    """The form ``name`` as a function of ``(x, a, initial_state, segment_ids)``."""
+    fn = {"pallas": kernel.linear_scan, "recurrent": linear_scan_recurrent,
+          "chunked": linear_scan_chunked}[name]
+    return lambda x, a, initial_state, segment_ids: fn(
+        x, a, initial_state=initial_state, segment_ids=segment_ids)
 
 
 def _prepare(x, a, initial_state, segment_ids):

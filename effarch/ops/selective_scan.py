@@ -19,7 +19,10 @@ Forms (every one gives the same numbers within tolerance):
       the backward pass, so only chunk-boundary states are kept: memory is
       ``O(B*C*D*N + B*D*N*T/C)``, never ``[B,T,D,N]``.
   "pallas": the kernels of ``pallas_kernels.selective_scan``.
-  "auto": "chunked", until the kernel is verified on a GPU/TPU
+  "auto": the measured policy of docs/design.md §3 (``effarch.ops._common.auto_policy``):
+          "chunked" (on CPU neither XLA form is measurably faster, and the
+          chunked one never holds [B,T,D,N] for the backward pass); on
+          GPU/TPU "chunked" until the kernel is verified there
           (``effarch.ops._common.VERIFIED_KERNELS``).
 """
 
@@ -37,11 +40,9 @@ SUPPORTED = ("auto", "recurrent", "chunked", "pallas")
 CHUNK_SIZE = 64
 
 
-def resolve(implementation: str) -> str:
-    """Validates ``implementation`` and resolves ``"auto"`` for this platform."""
-    return _common.resolve_implementation(
-        OP, implementation, SUPPORTED, _common.auto_chunked_until_kernel_verified(OP)
-    )
+def resolve(implementation: str) -> _common.Choice:
+    """Validates ``implementation``; ``"auto"`` becomes this platform's (forward, training) forms."""
+    return _common.resolve_forms(OP, implementation, SUPPORTED)
 
 
 def selective_scan(
@@ -88,19 +89,16 @@ def selective_scan(
         unknown implementation.
     """
     check_selective_scan_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
-    implementation = resolve(implementation)
-    kwargs = dict(
-        dt_bias=dt_bias,
-        dt_softplus=dt_softplus,
-        initial_state=initial_state,
-        segment_ids=segment_ids,
-    )
-    if implementation == "pallas":
-        y, h = kernel.selective_scan(x, dt, A, B, C, D, z, **kwargs)
-    elif implementation == "recurrent":
-        y, h = selective_scan_recurrent(x, dt, A, B, C, D, z, **kwargs)
-    else:
-        y, h = selective_scan_chunked(x, dt, A, B, C, D, z, **kwargs)
+
+    def form(name):  # a function of the arrays, dt_softplus bound
+        fn = {"pallas": kernel.selective_scan, "recurrent": selective_scan_recurrent,
+              "chunked": selective_scan_chunked}[name]
+        return lambda x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids: fn(
+            x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+            initial_state=initial_state, segment_ids=segment_ids)
+
+    y, h = _common.run_forms(resolve(implementation), form, x, dt, A, B, C, D, z, dt_bias,
+                             initial_state, segment_ids)
     return y, (h if return_final_state else None)
 
 

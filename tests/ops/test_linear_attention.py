@@ -243,8 +243,10 @@ class TestBadInput:
             ops.linear_attention(q, k, v, chunk_size=0)
 
 
-def test_auto_keeps_xla_until_a_kernel_is_verified(monkeypatch):
-    auto = _common.auto_chunked_until_kernel_verified("linear_attention")
-    assert [auto(p) for p in ("cpu", "gpu", "tpu")] == ["chunked"] * 3
+def test_auto_keeps_xla_on_devices_until_a_kernel_is_verified(monkeypatch):
+    """docs/design.md §3: on CPU the recurrence forward only, chunked for training."""
+    auto = functools.partial(_common.auto_policy, "linear_attention")
+    assert [auto(p) for p in ("cpu", "gpu", "tpu")] == [
+        ("recurrent", "chunked"), ("chunked", "chunked"), ("chunked", "chunked")]
     monkeypatch.setitem(_common.VERIFIED_KERNELS, "linear_attention", ("gpu",))
-    assert [auto(p) for p in ("cpu", "gpu", "tpu")] == ["chunked", "pallas", "chunked"]
+    assert auto("gpu") == ("pallas", "pallas") and auto("tpu") == ("chunked", "chunked")

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from effarch import ops
-from effarch.ops.linear_scan import resolve
+from effarch.ops import _common
+from effarch.ops.linear_scan import OP, resolve
 from effarch.testing import assert_relative_close
 from pallas_kernels.linear_scan.reference import linear_scan_reference, random_inputs
 
@@ -125,6 +126,9 @@ def test_bad_inputs_raise_value_error(name):
         ops.linear_scan(**{**inputs, **changes})
 
 
-def test_auto_resolves_by_platform():
-    expected = "chunked" if jax.default_backend() == "cpu" else "pallas"
-    assert resolve("auto") == expected
+def test_auto_resolves_by_the_policy_table():
+    """docs/design.md §3; GPU/TPU keep the XLA chunked form while no kernel is verified there."""
+    assert _common.auto_policy(OP, "cpu") == _common.Choice("recurrent", "recurrent")
+    assert _common.auto_policy(OP, "gpu") == _common.auto_policy(OP, "tpu") == ("chunked", "chunked")
+    assert resolve("auto") == _common.auto_policy(OP, jax.default_backend())
+    assert resolve("chunked") == ("chunked", "chunked")
