@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effarch.ops._common import check_segment_ids, reset_index
+from effarch.op_contract import check_segment_ids, reset_index
 
 # Activations a ShortConv may apply after the convolution.
 ACTIVATIONS = {"none": lambda x: x, "silu": jax.nn.silu, "gelu": jax.nn.gelu}
