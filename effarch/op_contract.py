@@ -6,7 +6,8 @@ kernels -> this contract (docs/design.md §2). It holds, written once:
 
 * input checks: the shapes each op with a kernel accepts
   (:func:`check_linear_attention_inputs`, :func:`check_selective_scan_inputs`,
-  :func:`check_linear_scan_inputs`) and the pieces every op's checks use;
+  :func:`check_linear_scan_inputs`, :func:`check_attention_inputs`) and the
+  pieces every op's checks use;
   errors name the arrays, their shapes and the expected form;
 * segments: ``segment_ids [B,T]`` as reset flags (:func:`segment_starts`,
   :func:`reset_index`) and, for chunked forms, per chunk
@@ -162,6 +163,60 @@ def check_linear_scan_inputs(x, a, initial_state, segment_ids) -> dict[str, int]
                initial_state=(initial_state, "BD"))
     check_segment_ids(segment_ids, dims["B"], dims["T"])
     return dims
+
+
+def check_attention_inputs(op: str, q, k, v, *, causal: bool, window, segment_ids, softcap):
+    """Checks softmax attention's inputs (the XLA forms and the kernel); returns ``(q_seg, kv_seg, kind)``.
+
+    ``kind`` is None (no segments), ``"runs"`` (one ``[B,T]`` array, T == S:
+    its runs of equal ids, as :func:`reset_index` numbers them, for queries
+    and keys alike) or ``"pair"`` (``(q_ids [B,T], kv_ids [B,S])``, as given).
+
+    Raises:
+      ValueError: naming the argument, its value or shape and the expected form.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_rank(name, x, 4, "[B,T,H,K]" if name == "q" else f"[B,S,Hkv,{name.upper()}]")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{op}: {describe(name, x)}; expected a floating dtype.")
+    # Letters: T query time, S key time, H query heads, G key/value heads.
+    check_dims(op, {}, q=(q, "BTHK"), k=(k, "BSGK"), v=(v, "BSG_"))
+    (b, t, h, _), (_, s, hkv, _) = q.shape, k.shape
+    if t == 0 or s == 0:
+        raise ValueError(f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} need T >= 1 "
+                         "queries and S >= 1 keys.")
+    if h % hkv:
+        raise ValueError(
+            f"{op}: the {hkv} key/value heads (Hkv={hkv}) of k {tuple(k.shape)} must divide the "
+            f"{h} query heads of q {tuple(q.shape)}; expected q [B,T,H,K], k [B,S,Hkv,K] with H % Hkv == 0."
+        )
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{op}: window={window!r}; expected None or an int >= 1.")
+        if not causal:
+            raise ValueError(f"{op}: window={window} is a causal sliding window (keys t - w < s <= t); "
+                             "pass causal=True with it.")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{op}: softcap={softcap!r}; expected None or a float > 0.")
+    if segment_ids is None:
+        return None, None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError(f"{op}: segment_ids is a sequence of {len(segment_ids)} items; expected one "
+                             "[B,T] array or a pair (q_segment_ids [B,T], kv_segment_ids [B,S]).")
+        q_seg, kv_seg = segment_ids
+        for name, ids, length in (("q_segment_ids", q_seg, t), ("kv_segment_ids", kv_seg, s)):
+            try:
+                check_segment_ids(ids, b, length)
+            except ValueError as err:
+                raise ValueError(f"{op}: {name} (item of the segment_ids pair): {err}") from None
+        return q_seg, kv_seg, "pair"
+    if t != s:
+        raise ValueError(f"{op}: {describe('segment_ids', segment_ids)} is one array but q has T={t} and "
+                         f"k has S={s}; with T != S pass a pair (q_segment_ids [B,T], kv_segment_ids [B,S]).")
+    check_segment_ids(segment_ids, b, t)
+    runs = reset_index(segment_ids, b, t)  # [B, T]: one id per run of equal ids
+    return runs, runs, "runs"
 
 
 # --------------------------------------------------------------------------

@@ -36,14 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from effarch.op_contract import (
-    check_dims,
-    check_rank,
-    check_segment_ids,
-    describe,
-    pad_to_multiple,
-    reset_index,
-)
+from effarch.op_contract import check_attention_inputs, check_dims, check_rank, pad_to_multiple
 from effarch.ops._common import log_once, platform, resolve_implementation
 from effarch.typing import Array, Float, Int
 from pallas_kernels import attention as attention_kernel
@@ -164,58 +157,11 @@ def attention(
 
 def _check_inputs(q, k, v, causal, window, segment_ids, softcap, chunk_size):
     """Validates shapes and options; returns ``(q_seg, kv_seg)`` (or Nones)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_rank(name, x, 4, "[B,T,H,K]" if name == "q" else f"[B,S,Hkv,{name.upper()}]")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{OP}: {describe(name, x)}; expected a floating dtype.")
-    # Letters: T query time, S key time, H query heads, G key/value heads.
-    check_dims(OP, {}, q=(q, "BTHK"), k=(k, "BSGK"), v=(v, "BSG_"))
-    (b, t, h, _), (_, s, hkv, _) = q.shape, k.shape
-    if t == 0 or s == 0:
-        raise ValueError(f"{OP}: q {tuple(q.shape)} and k {tuple(k.shape)} need T >= 1 "
-                         "queries and S >= 1 keys.")
-    if h % hkv:
-        raise ValueError(
-            f"{OP}: the {hkv} key/value heads of k {tuple(k.shape)} must divide the "
-            f"{h} query heads of q {tuple(q.shape)}; expected q [B,T,H,K], "
-            "k [B,S,Hkv,K] with H % Hkv == 0."
-        )
-    if window is not None:
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"{OP}: window={window!r}; expected None or an int >= 1.")
-        if not causal:
-            raise ValueError(
-                f"{OP}: window={window} is a causal sliding window (keys "
-                "t - w < s <= t); pass causal=True with it."
-            )
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{OP}: softcap={softcap!r}; expected None or a float > 0.")
+    q_seg, kv_seg, _ = check_attention_inputs(OP, q, k, v, causal=causal, window=window,
+                                              segment_ids=segment_ids, softcap=softcap)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{OP}: chunk_size={chunk_size!r}; expected an int >= 1.")
-    if segment_ids is None:
-        return None, None
-    if isinstance(segment_ids, (tuple, list)):
-        if len(segment_ids) != 2:
-            raise ValueError(
-                f"{OP}: segment_ids is a sequence of {len(segment_ids)} items; expected "
-                "one [B,T] array or a pair (q_segment_ids [B,T], kv_segment_ids [B,S])."
-            )
-        q_seg, kv_seg = segment_ids
-        for name, ids, length in (("q_segment_ids", q_seg, t), ("kv_segment_ids", kv_seg, s)):
-            try:
-                check_segment_ids(ids, b, length)
-            except ValueError as err:
-                raise ValueError(f"{OP}: {name} (item of the segment_ids pair): {err}") from None
-        return q_seg, kv_seg
-    if t != s:
-        raise ValueError(
-            f"{OP}: {describe('segment_ids', segment_ids)} is one array but q has T={t} "
-            f"and k has S={s}; with T != S pass a pair "
-            "(q_segment_ids [B,T], kv_segment_ids [B,S])."
-        )
-    check_segment_ids(segment_ids, b, t)
-    runs = reset_index(segment_ids, b, t)  # [B, T]: one id per run of equal ids
-    return runs, runs
+    return q_seg, kv_seg
 
 
 # --------------------------------------------------------------------------

@@ -21,14 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effarch.op_contract import (
-    check_dims,
-    check_rank,
-    check_segment_ids,
-    describe,
-    pad_to_multiple,
-    reset_index,
-)
+from effarch.op_contract import check_attention_inputs, pad_to_multiple
 from pallas_kernels import _platform
 from pallas_kernels._tpu import LANES
 from pallas_kernels.attention import gpu, tpu
@@ -152,44 +145,12 @@ def attention(q, k, v, *, causal: bool = True, window: int | None = None, segmen
 
 
 def _check_inputs(q, k, v, causal, window, segment_ids, softcap):
-    """Validates the call; returns ``(q_seg, kv_seg, segments)``.
-
-    ``segments`` is None, ``"runs"`` (the ids came as one ``[B,T]`` array:
-    each query's own key shares its segment) or ``"pair"``.
-    """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_rank(name, x, 4, "[B,T,H,K]" if name == "q" else f"[B,S,Hkv,{name.upper()}]")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{OP}: {describe(name, x)}; expected a floating dtype.")
-    # Letters: T query time, S key time, H query heads, G key/value heads.
-    check_dims(OP, {}, q=(q, "BTHK"), k=(k, "BSGK"), v=(v, "BSG_"))
-    (b, t, h, _), (_, s, hkv, _) = q.shape, k.shape
-    if t == 0 or s == 0:
-        raise ValueError(f"{OP}: q {tuple(q.shape)} and k {tuple(k.shape)} need T >= 1 and S >= 1.")
-    if h % hkv:
-        raise ValueError(f"{OP}: Hkv={hkv} key/value heads (k {tuple(k.shape)}) must divide "
-                         f"H={h} query heads (q {tuple(q.shape)}).")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                               or window < 1 or not causal):
-        raise ValueError(f"{OP}: window={window!r} with causal={causal}; expected None or an "
-                         "int >= 1 with causal=True.")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{OP}: softcap={softcap!r}; expected None or a float > 0.")
-    if segment_ids is None:
-        return None, None, None
-    if isinstance(segment_ids, (tuple, list)):
-        if len(segment_ids) != 2:
-            raise ValueError(f"{OP}: segment_ids has {len(segment_ids)} items; expected one "
-                             "[B,T] array or a pair (q_ids [B,T], kv_ids [B,S]).")
-        check_segment_ids(segment_ids[0], b, t)
-        check_segment_ids(segment_ids[1], b, s)
-        return segment_ids[0].astype(jnp.int32), segment_ids[1].astype(jnp.int32), "pair"
-    if t != s:
-        raise ValueError(f"{OP}: {describe('segment_ids', segment_ids)} is one array but T={t} "
-                         f"!= S={s}; pass a pair (q_ids [B,T], kv_ids [B,S]).")
-    check_segment_ids(segment_ids, b, t)
-    ids = reset_index(segment_ids, b, t)
-    return ids, ids, "runs"
+    """Validates the call (:func:`effarch.op_contract.check_attention_inputs`); returns ``(q_seg, kv_seg, kind)``."""
+    q_seg, kv_seg, kind = check_attention_inputs(OP, q, k, v, causal=causal, window=window,
+                                                 segment_ids=segment_ids, softcap=softcap)
+    if kind == "pair":
+        q_seg, kv_seg = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+    return q_seg, kv_seg, kind
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
