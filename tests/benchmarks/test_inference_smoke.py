@@ -12,6 +12,10 @@ import sys
 
 import pytest
 
+# Slow tier (`pytest -m slow`): 92 s on the loaded 2-core machine, most of it compiling the
+# smoke preset's models; the default tier keeps experiments/mqar.py's smoke test.
+pytestmark = pytest.mark.slow
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import inference  # noqa: E402
 

@@ -7,6 +7,10 @@ import pytest
 
 from effarch.testing import load_experiment
 
+# Slow tier (`pytest -m slow`): 144 s on the loaded 2-core machine, most of it compiling the
+# smoke preset's models; the default tier keeps experiments/mqar.py's smoke test.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def hybrid_ratio():

@@ -3,7 +3,13 @@
 import io
 import json
 
+import pytest
+
 from effarch.testing import load_experiment
+
+# Slow tier (`pytest -m slow`): 150 s on the loaded 2-core machine, most of it compiling the
+# smoke preset's models; the default tier keeps experiments/mqar.py's smoke test.
+pytestmark = pytest.mark.slow
 
 
 mad = load_experiment("mad")
