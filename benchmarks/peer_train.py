@@ -1,7 +1,11 @@
 """effarch against the PyTorch reference (transformers) on CPU: same model, same weights, same process.
 
-    python benchmarks/peer_train.py --preset cpu                    # ~10 min on 2 loaded cores
+    python benchmarks/peer_train.py --preset cpu                    # ~8 min on 2 cores
+    python benchmarks/peer_train.py --preset cpu --profile --trace  # and ~12 min more: effarch's time
+    OMP_WAIT_POLICY= python benchmarks/peer_train.py --preset cpu   # torch with libgomp's default wait
     python benchmarks/peer_train.py --preset smoke --out /tmp/x.json
+
+Results and their reading: docs/results/speed.md.
 
 For Mamba (``MambaForCausalLM``) and Mamba-2 (``Mamba2ForCausalLM``) at each
 of the preset's sizes, a random transformers model is built, saved with
@@ -38,8 +42,11 @@ prefill's last-position logits (``prefill_logits_rel_rmse``).
 torch runs on ``torch.set_num_threads(n)`` with ``n`` the threads XLA's CPU
 client uses: one where ``XLA_FLAGS`` turns Eigen's multi-threading off (the
 test suite's setting), else the cores this process may run on (XLA sizes its
-pool to them). The JSON records ``n``, the load average before and after, and
-the versions of jax, torch and transformers.
+pool to them); its OpenMP threads wait passively (``OMP_WAIT_POLICY``, see
+the constant's comment) unless the variable is set. The JSON records ``n``,
+the wait policy, the load average before and after, the commit when the run
+started and any uncommitted change to the library, and the versions of jax,
+torch and transformers.
 
 ``--profile`` adds the pieces of effarch's Mamba-2 training step at the
 largest size, each jitted and timed forward + backward on its own (the whole
@@ -70,19 +77,12 @@ import sys
 import tempfile
 import time
 
-# libgomp's default wait is a spin: with more runnable threads than cores (a shared machine), a
-# thread spins for a partner that is descheduled, and torch at 2 threads ran 7-10x slower than at
-# 1 thread here. Passive waiting removes that; it must be set before torch (libgomp) loads.
-# OMP_WAIT_POLICY= (set, empty) keeps libgomp's default.
-TORCH_IMPORTED_EARLIER = "torch" in sys.modules
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -117,6 +117,12 @@ BETAS = (0.9, 0.95)
 EPS = 1e-8
 GRAD_CLIP = 1.0
 SEED = 0
+# torch's OpenMP (libgomp) threads wait for work by spinning by default. With more runnable threads
+# than cores (a shared machine) a thread spins for a partner that is descheduled: torch at 2 threads
+# ran 7-10x slower than at 1 thread at load ~7. Passive waiting avoids that, but costs torch up to
+# 2.4x on an idle machine (docs/results/speed.md). Set for torch unless OMP_WAIT_POLICY is set
+# already; OMP_WAIT_POLICY= (empty) keeps libgomp's default.
+OMP_WAIT_POLICY = "PASSIVE"
 # Source lines of the trace printed (all are saved).
 TRACE_ROWS_PRINTED = 30
 
@@ -628,10 +634,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch_loaded = "torch" in sys.modules  # libgomp reads OMP_WAIT_POLICY when torch loads it
+    if not torch_loaded:
+        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     import torch
     import transformers
 
-    args = parse_args(argv)
     p = args.preset_settings
     threads = xla_cpu_threads()
     torch.set_num_threads(threads)
@@ -674,13 +683,12 @@ def main(argv=None) -> dict:
                       working_tree=tree,
                       threads={"xla": threads, "torch": torch.get_num_threads(),
                                "torch_interop": torch.get_num_interop_threads(),
-                               "omp_wait_policy": ("unknown: torch was imported before this script"
-                                                   if TORCH_IMPORTED_EARLIER
+                               "omp_wait_policy": ("unknown: torch was loaded before main()" if torch_loaded
                                                    else os.environ["OMP_WAIT_POLICY"] or "libgomp's default (unset)")},
                       versions={"jax": jax.__version__, "torch": torch.__version__,
                                 "transformers": transformers.__version__},
                       load_average={"before": list(load_before), "after": list(load_after)})
-    return {"rows": rows, "profile": profile, "path": args.out}
+    return {"rows": rows, "profile": profile, "trace": trace, "path": args.out}
 
 
 if __name__ == "__main__":

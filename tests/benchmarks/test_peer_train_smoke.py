@@ -17,6 +17,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+# Slow tier (`pytest -m slow`), like the other benchmark smoke tests: 24 s on the idle 2-core machine,
+# ~50 s at load 6, most of it compiling the two train steps.
+pytestmark = pytest.mark.slow
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import peer_train  # noqa: E402
 
