@@ -630,11 +630,17 @@ def _jamba_lm_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _jamba_hf_fields(config) -> dict[str, Any]:
-    arch = JAMBA.name
-    check_model(config, arch, embed_scale=None, logits_softcap=None, norm_zero_centered=False, mlp_bias=False)
+def _check_moe_hybrid(config, arch: str, *, norm_zero_centered: bool) -> None:
+    """What Jamba and Qwen3-Next blocks share: no embedding scale or soft-cap, SwiGLU or MoE MLPs without bias."""
+    check_model(config, arch, embed_scale=None, logits_softcap=None, norm_zero_centered=norm_zero_centered,
+                mlp_bias=False)
     if config.mlp not in ("swiglu", "moe"):
         raise ValueError(f"mlp={config.mlp!r}, but {arch} blocks have a SwiGLU or MoE MLP (mlp='swiglu' or 'moe')")
+
+
+def _jamba_hf_fields(config) -> dict[str, Any]:
+    arch = JAMBA.name
+    _check_moe_hybrid(config, arch, norm_zero_centered=False)
     n = config.n_layers
     fields = dict(intermediate_size=config.mlp_width, rms_norm_eps=config.norm_eps, num_experts=1,
                   num_experts_per_tok=1)
@@ -772,9 +778,7 @@ def _qwen3_next_lm_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
 
 def _qwen3_next_hf_fields(config) -> dict[str, Any]:
     arch = QWEN3_NEXT.name
-    check_model(config, arch, embed_scale=None, logits_softcap=None, norm_zero_centered=True, mlp_bias=False)
-    if config.mlp not in ("swiglu", "moe"):
-        raise ValueError(f"mlp={config.mlp!r}, but {arch} blocks have a SwiGLU or MoE MLP (mlp='swiglu' or 'moe')")
+    _check_moe_hybrid(config, arch, norm_zero_centered=True)
     fields = dict(intermediate_size=config.mlp_width, rms_norm_eps=config.norm_eps, num_experts=0,
                   decoder_sparse_step=1, mlp_only_layers=[],
                   layer_types=[{"gated_deltanet": "linear_attention", "attention": "full_attention"}[name]
