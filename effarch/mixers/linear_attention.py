@@ -11,7 +11,12 @@ Feature maps ``phi``:
 - ``"elu"``: ``phi(x) = elu(x) + 1`` (Katharopoulos et al., eq. 7);
 - ``"taylor"``: Based's 2nd-order Taylor map of ``exp(q.k / sqrt(d))``,
   ``phi(x) = [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))]`` on a reduced
-  feature dim ``d`` (16 in Based), so ``phi(q).phi(k) = 1 + q.k/sqrt(d) + (q.k)^2/(2d)``.
+  feature dim ``d`` (16 in Based), so ``phi(q).phi(k) = 1 + q.k/sqrt(d) + (q.k)^2/(2d)``;
+- ``"hedgehog"``: Hedgehog's learnable map (Zhang et al., 2024, eq. 4),
+  ``phi(x) = [softmax(x W), softmax(-x W)]`` over the feature axis, one
+  ``W [d, d]`` per head for queries (``q_feature``) and one for keys
+  (``k_feature``), initialised to the identity; ``2 d`` state rows. It is
+  what a softmax-attention layer converts to (effarch.models.linearize).
 
 Optional short convolutions on q, k, v (Based puts one in front of the layer).
 """
@@ -30,7 +35,7 @@ from effarch.layers.norms import HeadNorm
 from effarch.mixers import _recurrence as rec
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
 
-FEATURE_MAPS = ("identity", "elu", "taylor")
+FEATURE_MAPS = ("identity", "elu", "taylor", "hedgehog")
 NORMALIZATIONS = ("sum", "head_norm", "none")
 # Guards the "sum" normaliser phi(q).z against zero.
 DENOMINATOR_EPS = 1e-6
@@ -42,11 +47,13 @@ class LinearAttentionConfig(MixerConfig):
 
     Attributes:
       num_heads: heads H; ``d_model`` splits into H value heads of size ``D/H``.
-      feature_map: ``"identity"``, ``"elu"`` (elu + 1) or ``"taylor"`` (Based).
+      feature_map: ``"identity"``, ``"elu"`` (elu + 1), ``"taylor"`` (Based) or
+        ``"hedgehog"`` (learnable, initialised from the identity).
       feature_dim: per-head width of q and k before the feature map (None:
-        ``D/H``); ``"taylor"`` expands it to ``1 + d + d^2`` state rows.
+        ``D/H``); ``"taylor"`` expands it to ``1 + d + d^2`` state rows,
+        ``"hedgehog"`` to ``2 d``.
       normalization: ``"sum"`` divides by ``phi(q).sum_s phi(k_s)`` (needs a
-        positive feature map: elu or taylor); ``"head_norm"`` applies an RMS
+        positive feature map: elu, taylor or hedgehog); ``"head_norm"`` applies an RMS
         norm per head instead; ``"none"`` leaves the output unnormalised.
       use_short_conv: causal depthwise convolutions (+ SiLU) on q, k and v.
       conv_size: taps of those convolutions.
@@ -59,6 +66,7 @@ class LinearAttentionConfig(MixerConfig):
         "based": {"num_heads": 16, "feature_map": "taylor", "feature_dim": 16, "use_short_conv": True},
         "tiny_based": {"num_heads": 2, "feature_map": "taylor", "feature_dim": 4, "use_short_conv": True,
                        "chunk_size": 8},
+        "tiny_hedgehog": {"num_heads": 2, "feature_map": "hedgehog", "chunk_size": 8},
     }
 
     num_heads: int = 4
@@ -101,7 +109,9 @@ class LinearAttentionConfig(MixerConfig):
     def state_key_dim(self) -> int:
         """Per-head key width after the feature map (rows of the state)."""
         d = self.qk_dim
-        return 1 + d + d * d if self.feature_map == "taylor" else d
+        if self.feature_map == "taylor":
+            return 1 + d + d * d
+        return 2 * d if self.feature_map == "hedgehog" else d
 
     @property
     def state_value_dim(self) -> int:
@@ -117,8 +127,23 @@ def taylor_feature_map(x: jax.Array) -> jax.Array:
     return jnp.concatenate([ones, x / d**0.25, outer / (math.sqrt(2.0) * math.sqrt(d))], axis=-1)
 
 
+def hedgehog_feature_map(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """Hedgehog's ``[softmax(x W), softmax(-x W)]``: ``x [B,T,H,d]``, ``weight [H,d,d]`` -> ``[B,T,H,2d]``."""
+    u = jnp.einsum("bthd,hde->bthe", x, weight.astype(x.dtype))  # [B,T,H,d]
+    u32 = u.astype(jnp.float32)
+    return jnp.concatenate([jax.nn.softmax(u32, axis=-1), jax.nn.softmax(-u32, axis=-1)], axis=-1).astype(x.dtype)
+
+
+def identity_per_head(key, shape, dtype=jnp.float32):
+    """``[H, d, d]`` identity matrices (the initial Hedgehog map weights)."""
+    del key
+    return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+
+
 def feature_map(name: str, x: jax.Array) -> jax.Array:
-    """Applies the named feature map to ``x [..., d]``."""
+    """Applies the named parameter-free feature map to ``x [..., d]`` (not ``"hedgehog"``, which has weights)."""
+    if name == "hedgehog":
+        raise ValueError("feature_map: 'hedgehog' has learned weights; use hedgehog_feature_map(x, weight).")
     if name == "identity":
         return x
     if name == "elu":
@@ -152,8 +177,13 @@ class LinearAttention(Mixer):
             streams, conv_states = rec.short_convs(streams, kernel_size=cfg.conv_size, cache=cache,
                                                    segment_ids=segment_ids, dtype=cfg.dtype,
                                                    param_dtype=cfg.param_dtype)
-        q = feature_map(cfg.feature_map, rec.split_heads(streams["q"], h))  # [B,T,H,K']
-        k = feature_map(cfg.feature_map, rec.split_heads(streams["k"], h))
+        q, k = rec.split_heads(streams["q"], h), rec.split_heads(streams["k"], h)  # [B,T,H,d]
+        if cfg.feature_map == "hedgehog":
+            shape = (h, cfg.qk_dim, cfg.qk_dim)
+            q = hedgehog_feature_map(q, self.param("q_feature", identity_per_head, shape, cfg.param_dtype))
+            k = hedgehog_feature_map(k, self.param("k_feature", identity_per_head, shape, cfg.param_dtype))
+        else:
+            q, k = feature_map(cfg.feature_map, q), feature_map(cfg.feature_map, k)  # [B,T,H,K']
         v = rec.split_heads(streams["v"], h)  # [B,T,H,V]
         if cfg.normalization == "sum":
             v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)  # [B,T,H,V+1]
