@@ -124,6 +124,14 @@ class LMConfig:
         routed layers process; None disables MoD.
       mod_every: with MoD on, layers ``i`` with ``i % mod_every == mod_every - 1``
         are routed (every other layer by default, as in the paper).
+      early_exit: layer indices ``i`` in ``[0, n_layers - 1)``, ascending, after
+        whose block an exit head reads the residual stream (its own RMSNorm,
+        then the shared output head); the last layer is always the final
+        exit. Empty: no early exits (effarch.models.early_exit).
+      early_exit_weights: training weight of each exit's loss, the early
+        exits then the final one (``len(early_exit) + 1`` non-negative
+        numbers); None: CALM's weights, proportional to the depth ``i + 1``
+        after which each exit sits, normalised to sum to 1.
       tie_embeddings: the output projection is the transposed embedding.
       embed_scale: multiplies the embeddings on the way in (not the tied
         output head); None: 1. Gemma models use ``sqrt(d_model)``.
@@ -178,6 +186,8 @@ class LMConfig:
     moe_offset: int = 0
     mod_capacity: float | None = None
     mod_every: int = 2
+    early_exit: tuple[int, ...] = ()
+    early_exit_weights: tuple[float, ...] | None = None
     tie_embeddings: bool = True
     embed_scale: float | None = None
     logits_softcap: float | None = None
@@ -262,6 +272,7 @@ class LMConfig:
             fail("mod_every", "a positive int")
         if self.projection not in PROJECTIONS:
             fail("projection", f"one of {PROJECTIONS}")
+        self._check_early_exit(fail)
         for field in ("dtype", "param_dtype"):
             if not jnp.issubdtype(jnp.dtype(getattr(self, field)), jnp.floating):
                 fail(field, "a floating dtype such as jnp.float32 or jnp.bfloat16")
@@ -280,6 +291,45 @@ class LMConfig:
         object.__setattr__(self, "mixers", _freeze(self.mixers))
         object.__setattr__(self, "layer_options", _freeze(self.layer_options))
         self.layer_specs  # builds (and so validates) every layer's mixer config
+
+    def _check_early_exit(self, fail) -> None:
+        exits = self.early_exit
+        if isinstance(exits, (list, tuple)):
+            exits = tuple(exits)
+            object.__setattr__(self, "early_exit", exits)
+        if not (isinstance(exits, tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in exits)
+                and list(exits) == sorted(set(exits)) and all(0 <= i < self.n_layers - 1 for i in exits)):
+            fail("early_exit", f"ascending distinct layer indices in [0, n_layers - 1 = {self.n_layers - 1}) "
+                 "(the last layer is always the final exit), e.g. (1, 3)")
+        if exits and self.scan_layers:
+            raise ValueError(
+                f"LMConfig: early_exit={exits} with scan_layers=True; exit heads sit between single layers, "
+                "use scan_layers=False with early exits."
+            )
+        weights = self.early_exit_weights
+        if weights is None:
+            return
+        if not exits:
+            fail("early_exit_weights", "None when early_exit is empty")
+        if isinstance(weights, list):
+            weights = tuple(weights)
+            object.__setattr__(self, "early_exit_weights", weights)
+        if not (isinstance(weights, tuple) and len(weights) == len(exits) + 1
+                and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)
+                and sum(weights) > 0):
+            fail("early_exit_weights", f"None or {len(exits) + 1} non-negative numbers (one per early exit, "
+                 "then the final exit), not all zero")
+
+    @property
+    def exit_layers(self) -> tuple[int, ...]:
+        """Layers after which the model has an exit, the final layer last: ``early_exit + (n_layers - 1,)``."""
+        return (*self.early_exit, self.n_layers - 1)
+
+    @property
+    def exit_weights(self) -> tuple[float, ...]:
+        """The loss weight of every exit in :attr:`exit_layers`, summing to 1."""
+        raw = self.early_exit_weights or tuple(float(i + 1) for i in self.exit_layers)
+        return tuple(float(w) / sum(raw) for w in raw)
 
     def __hash__(self):
         return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))

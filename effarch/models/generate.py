@@ -77,7 +77,8 @@ def sample_logits(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _check_prompt(name: str, prompt: jax.Array, max_new_tokens: int) -> None:
+def check_prompt(name: str, prompt: jax.Array, max_new_tokens: int) -> None:
+    """Raises a ValueError naming ``name`` unless ``prompt`` is int ``[B, T >= 1]`` and ``max_new_tokens >= 0``."""
     if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(
             f"{name}: prompt has shape {tuple(prompt.shape)} and dtype {prompt.dtype}; expected an "
@@ -85,6 +86,17 @@ def _check_prompt(name: str, prompt: jax.Array, max_new_tokens: int) -> None:
         )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"{name}: max_new_tokens={max_new_tokens!r}; expected an int >= 0.")
+
+
+def check_sampling(name: str, vocab: int, temperature: float, top_k: int | None, top_p: float | None,
+                   greedy: bool) -> None:
+    """Raises a ValueError naming ``name`` for sampling options :func:`sample_logits` cannot take."""
+    if not greedy and not temperature > 0:
+        raise ValueError(f"{name}: temperature={temperature!r}; expected > 0 (or greedy=True).")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab):
+        raise ValueError(f"{name}: top_k={top_k!r}; expected None or an int in [1, vocab_size={vocab}].")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{name}: top_p={top_p!r}; expected None or a float in (0, 1].")
 
 
 def generate(
@@ -115,14 +127,9 @@ def generate(
     Returns:
       ``[B, T + max_new_tokens]`` int32: the prompt, then the new tokens.
     """
-    _check_prompt("generate", prompt, max_new_tokens)
+    check_prompt("generate", prompt, max_new_tokens)
     vocab = lm.config.vocab_size
-    if not greedy and not temperature > 0:
-        raise ValueError(f"generate: temperature={temperature!r}; expected > 0 (or greedy=True).")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab):
-        raise ValueError(f"generate: top_k={top_k!r}; expected None or an int in [1, vocab_size={vocab}].")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p={top_p!r}; expected None or a float in (0, 1].")
+    check_sampling("generate", vocab, temperature, top_k, top_p, greedy)
     stop_tokens = tuple(int(s) for s in stop_tokens)
     if any(not 0 <= s < vocab for s in stop_tokens):
         raise ValueError(f"generate: stop_tokens={stop_tokens}; expected token ids in [0, {vocab}).")
@@ -193,7 +200,7 @@ def speculative_generate(
       verification), ``"target_calls"`` (prefill, verifications and rollback
       re-runs).
     """
-    _check_prompt("speculative_generate", prompt, max_new_tokens)
+    check_prompt("speculative_generate", prompt, max_new_tokens)
     if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"speculative_generate: num_draft_tokens={num_draft_tokens!r}; expected an int >= 1.")
     if draft.config.vocab_size != target.config.vocab_size:

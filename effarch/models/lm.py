@@ -5,6 +5,11 @@
                      x = x + mlp(norm(x))              # SwiGLU, GeGLU or MoE (or none), per layer
     logits = softcap(final_norm(x) @ embed^T)          # [B,T,vocab] float32 (tied)
 
+With ``config.early_exit`` the model also has exit heads after chosen layers
+(each its own RMSNorm, then the same output head); ``exits=True`` returns every
+exit's logits and ``exit_at`` freezes each token's stream after a given exit
+(effarch.models.early_exit decodes with exits chosen by confidence).
+
 Usage::
 
     cfg = LMConfig.preset("tiny")
@@ -54,6 +59,28 @@ MOE_METRICS = ("moe_aux_loss", "moe_dropped_fraction")
 MOD_METRICS = ("mod_fraction",)
 
 
+def block_norm(cfg: LMConfig, name: str | None = None) -> RMSNorm:
+    """The RMSNorm every block, exit head and the final norm use."""
+    return RMSNorm(eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered, dtype=cfg.dtype,
+                   param_dtype=cfg.param_dtype, name=name)
+
+
+def residual_stream(cfg: LMConfig, embedded: jax.Array) -> jax.Array:
+    """Token embeddings ``[B,T,D]`` -> the residual stream: scaled by ``embed_scale``, in its dtype."""
+    if cfg.embed_scale is not None:
+        embedded = embedded * jnp.asarray(cfg.embed_scale, embedded.dtype)
+    return embedded.astype(jnp.float32 if cfg.residual_in_fp32 else cfg.dtype)
+
+
+def output_logits(cfg: LMConfig, normed: jax.Array, head: jax.Array) -> jax.Array:
+    """A normed stream ``[B,T,D]`` and the output head ``[D, vocab]`` -> float32 (soft-capped) logits."""
+    logits = jnp.einsum("btd,dv->btv", normed, head.astype(cfg.dtype),
+                        preferred_element_type=jnp.float32).astype(jnp.float32)
+    if cfg.logits_softcap is not None:
+        logits = cfg.logits_softcap * jnp.tanh(logits / cfg.logits_softcap)
+    return logits
+
+
 class Block(nn.Module):
     """One pre-norm residual block: ``x + mixer(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -70,12 +97,10 @@ class Block(nn.Module):
 
     def setup(self):
         cfg = self.config
-        norm = dict(eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered, dtype=cfg.dtype,
-                    param_dtype=cfg.param_dtype)
-        self.mixer_norm = RMSNorm(**norm)
+        self.mixer_norm = block_norm(cfg)
         self.mixer = mixers.from_config(self.spec.mixer)
         if self.spec.mlp != "none":
-            self.mlp_norm = RMSNorm(**norm)
+            self.mlp_norm = block_norm(cfg)
         if self.spec.mlp in DENSE_MLP_ACTIVATIONS:
             self.mlp = GatedMLP(d_ff=cfg.mlp_width, activation=DENSE_MLP_ACTIVATIONS[self.spec.mlp],
                                 use_bias=cfg.mlp_bias, projection=cfg.projection, dtype=cfg.dtype,
@@ -96,6 +121,14 @@ class Block(nn.Module):
             y, aux = self.mlp(self.mlp_norm(x))
             x = x + y.astype(x.dtype)
         return x, cache, aux
+
+    def propagate(self, x, cache):
+        """Only the mixer's state update from ``x [B,T,D]`` (its output unused): the cache after ``x``.
+
+        Early exit runs this in the layers a token skips (effarch.models.early_exit).
+        """
+        _, cache = self.mixer(self.mixer_norm(x), cache)
+        return cache
 
     def __call__(self, x, cache=None, segment_ids=None):
         """``x [B,T,D] -> (x [B,T,D], cache, aux dict of scalars)``."""
@@ -159,7 +192,8 @@ class LM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, cache: Any = None,
-                 logit_positions: jax.Array | None = None):
+                 logit_positions: jax.Array | None = None, exits: bool = False,
+                 exit_at: jax.Array | None = None):
         """Logits of the next token at every position (or at ``logit_positions``).
 
         Args:
@@ -172,12 +206,20 @@ class LM(nn.Module):
             logits are computed there only (``[B, P, vocab_size]``), which saves
             the ``[B, T, vocab]`` tensor when few positions are scored (e.g.
             the queries of a recall task).
+          exits: return the logits of every exit (``config.exit_layers``, the
+            final one last) stacked on a leading axis, ``[E, B, T, vocab]``.
+          exit_at: optional ``int [B, T]`` exit index (into
+            ``config.exit_layers``) of every token: the token's residual stream
+            stops changing after that exit's layer, and later layers' mixers
+            read the frozen stream to advance their state (CALM's state
+            propagation; effarch.models.early_exit). This is the early-exit
+            model's definition, computed for a whole sequence at once.
 
         Returns:
           ``logits [B, T, vocab_size]`` (``[B, P, vocab_size]`` with
-          ``logit_positions``) float32, ``aux`` (dict of float32
-          scalars, always with ``"aux_loss"``), and the updated cache (None
-          when ``cache`` is None).
+          ``logit_positions``; ``[E, ...]`` with ``exits``) float32, ``aux``
+          (dict of float32 scalars, always with ``"aux_loss"``), and the
+          updated cache (None when ``cache`` is None).
         """
         cfg = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -194,11 +236,10 @@ class LM(nn.Module):
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed",
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(EMBED_INIT_STD), EMBED_AXES),
         )
-        x = embed(tokens)  # [B, T, D]
-        if cfg.embed_scale is not None:
-            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
-        x = x.astype(jnp.float32 if cfg.residual_in_fp32 else cfg.dtype)  # the residual stream
+        x = residual_stream(cfg, embed(tokens))  # [B, T, D]
+        last_layer = self._check_exit_at(exit_at, tokens.shape)  # [B, T] or None
 
+        exit_states = []  # residual streams at the early exits
         if cfg.scan_layers:
             groups = nn.scan(
                 LayerGroup,
@@ -214,9 +255,12 @@ class LM(nn.Module):
             block = _block_class(cfg)
             new_caches, total = [], {}
             for i, spec in enumerate(cfg.layer_specs):
-                x, layer_cache, aux = block(cfg, spec, name=f"layer_{i}")(
+                y, layer_cache, aux = block(cfg, spec, name=f"layer_{i}")(
                     x, None if cache is None else cache[i], segment_ids
                 )
+                x = y if last_layer is None else jnp.where((i > last_layer)[..., None], x, y)
+                if i in cfg.early_exit:
+                    exit_states.append(x)
                 new_caches.append(layer_cache)
                 total = _add_metrics(total, aux)
             cache = None if cache is None else tuple(new_caches)
@@ -227,19 +271,45 @@ class LM(nn.Module):
                     f"LM: logit_positions has shape {tuple(logit_positions.shape)}; expected [B,P] with "
                     f"B={tokens.shape[0]} like tokens."
                 )
-            x = jnp.take_along_axis(x, logit_positions[..., None].astype(jnp.int32), axis=1)  # [B, P, D]
-        x = RMSNorm(eps=cfg.norm_eps, zero_centered=cfg.norm_zero_centered, dtype=cfg.dtype,
-                    param_dtype=cfg.param_dtype, name="final_norm")(x)
+            positions = logit_positions[..., None].astype(jnp.int32)
+            x = jnp.take_along_axis(x, positions, axis=1)  # [B, P, D]
+            exit_states = [jnp.take_along_axis(h, positions, axis=1) for h in exit_states]
+        # Every exit head is created at init whatever ``exits`` is, so the parameters do not depend on it.
+        normed = [block_norm(cfg, f"exit_norm_{k}")(h) for k, h in enumerate(exit_states)]
+        normed.append(block_norm(cfg, "final_norm")(x))
         if cfg.tie_embeddings:
             head = embed.embedding.T  # [D, vocab]
         else:
             init = nn.with_logical_partitioning(nn.initializers.normal(EMBED_INIT_STD), UNEMBED_AXES)
             head = self.param("unembed", init, (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.dtype),
-                            preferred_element_type=jnp.float32).astype(jnp.float32)
-        if cfg.logits_softcap is not None:
-            logits = cfg.logits_softcap * jnp.tanh(logits / cfg.logits_softcap)
+        if exits:
+            logits = jnp.stack([output_logits(cfg, h, head) for h in normed])
+        else:
+            logits = output_logits(cfg, normed[-1], head)
         return logits, self._aux(total), cache
+
+    @nn.nowrap
+    def _check_exit_at(self, exit_at, shape) -> jax.Array | None:
+        """The last layer each token runs, ``int [B, T]``, from ``exit_at``; None without it."""
+        if exit_at is None:
+            return None
+        cfg = self.config
+        if tuple(exit_at.shape) != tuple(shape) or not jnp.issubdtype(exit_at.dtype, jnp.integer):
+            raise ValueError(
+                f"LM: exit_at has shape {tuple(exit_at.shape)} and dtype {exit_at.dtype}; expected int [B,T] = "
+                f"{list(shape)} exit indices in [0, {len(cfg.exit_layers)}) (into config.exit_layers="
+                f"{cfg.exit_layers})."
+            )
+        if cfg.scan_layers:
+            raise ValueError("LM: exit_at needs scan_layers=False (exits sit between single layers).")
+        if not isinstance(exit_at, jax.core.Tracer):  # concrete: check the range (inside jit it is clipped)
+            low, high = int(jnp.min(exit_at)), int(jnp.max(exit_at))
+            if low < 0 or high >= len(cfg.exit_layers):
+                raise ValueError(
+                    f"LM: exit_at holds values in [{low}, {high}]; expected exit indices in "
+                    f"[0, {len(cfg.exit_layers)}) (into config.exit_layers={cfg.exit_layers})."
+                )
+        return jnp.asarray(cfg.exit_layers, jnp.int32)[jnp.clip(exit_at, 0, len(cfg.exit_layers) - 1)]
 
     @nn.nowrap
     def _aux(self, total: dict) -> dict[str, jax.Array]:

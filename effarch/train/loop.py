@@ -98,28 +98,54 @@ def _check_aux(aux: dict[str, jax.Array]) -> None:
         raise ValueError(f"model aux entries must be scalars; got shapes {shapes}.")
 
 
+def _exit_weights(model: nn.Module) -> jax.Array | None:
+    """Loss weights of a model's exits (``LMConfig.exit_weights``), or None for a model without early exits."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "early_exit", ()):
+        return None
+    return jnp.asarray(config.exit_weights, jnp.float32)
+
+
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, config: TrainConfig,
                     schedule: optax.Schedule) -> Callable:
     """``(state, batch) -> (state, metrics)`` for one update; jit it with shardings.
 
     Metrics: ``loss`` (mean masked cross-entropy, nats per token), ``lr``,
     ``grad_norm`` (before clipping), ``total_loss`` (with aux) and every aux scalar.
+
+    A model with early exits (``model.config.early_exit``) is trained on the
+    weighted sum of its exits' losses (``config.exit_weights``); ``loss`` is
+    then the final exit's, ``exit_<k>_loss`` each early exit's, and
+    ``total_loss`` the weighted objective plus aux.
     """
     base_key = jax.random.key(config.seed)
     accum = config.grad_accum
+    exit_weights = _exit_weights(model)
 
     def step_fn(state: TrainState, batch):
         tokens_in_batch = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         step_key = jax.random.fold_in(base_key, state.step)
 
         def loss_fn(params, micro, key):
-            logits, aux, _ = model.apply(
-                {"params": params}, micro["tokens"], segment_ids=micro["segment_ids"], rngs={"dropout": key}
-            )
-            _check_aux(aux)
-            nll_sum, _ = cross_entropy(logits, micro["targets"], micro["loss_mask"])
+            if exit_weights is None:
+                logits, aux, _ = model.apply(
+                    {"params": params}, micro["tokens"], segment_ids=micro["segment_ids"], rngs={"dropout": key}
+                )
+                _check_aux(aux)
+                nll_sum, _ = cross_entropy(logits, micro["targets"], micro["loss_mask"])
+                objective = nll_sum
+            else:  # early exits: CALM's weighted sum of every exit's loss; "loss" stays the final exit's
+                logits, aux, _ = model.apply(
+                    {"params": params}, micro["tokens"], segment_ids=micro["segment_ids"], exits=True,
+                    rngs={"dropout": key},
+                )
+                _check_aux(aux)
+                nll_sums = jnp.stack([cross_entropy(lg, micro["targets"], micro["loss_mask"])[0] for lg in logits])
+                nll_sum, objective = nll_sums[-1], jnp.sum(exit_weights * nll_sums)
+                aux = {**aux, **{f"exit_{k}_loss": nll_sums[k] / tokens_in_batch * accum
+                                 for k in range(len(exit_weights) - 1)}}
             aux = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
-            return nll_sum / tokens_in_batch + aux["aux_loss"] / accum, (nll_sum, aux)
+            return objective / tokens_in_batch + aux["aux_loss"] / accum, (nll_sum, aux)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -136,9 +162,13 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, c
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss = jnp.sum(nll_sums) / tokens_in_batch
+        objective = loss
+        if exit_weights is not None:
+            exit_losses = jnp.stack([aux[f"exit_{k}_loss"] for k in range(len(exit_weights) - 1)] + [loss])
+            objective = jnp.sum(exit_weights * exit_losses)
         metrics = {
             "loss": loss,
-            "total_loss": loss + aux["aux_loss"],
+            "total_loss": objective + aux["aux_loss"],
             "lr": schedule(state.step),
             "grad_norm": optax.global_norm(grads),
             **aux,
