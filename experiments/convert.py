@@ -91,7 +91,7 @@ PRESETS = {
                     decode_repeats=2, chunk_size=16),
     # The quick start's model size (docs/training.md) as an all-attention teacher; one CPU slot.
     "cpu": Preset(d_model=128, n_layers=4, num_heads=4, d_ff=384, seq_len=128, batch_size=16, teacher_steps=250,
-                  teacher_lr=3e-3, transfer_steps=20, transfer_lr=1e-2, finetune_steps=40, finetune_lr=1e-3,
+                  teacher_lr=3e-3, transfer_steps=40, transfer_lr=1e-2, finetune_steps=120, finetune_lr=1e-3,
                   kl_weight=1.0, eval_batches=8, corpus_bytes=4_000_000, decode_context=256, decode_steps=32,
                   decode_repeats=5),
     # One GPU: a 12-layer, 768-wide teacher on the whole corpus (not yet run).
@@ -465,10 +465,12 @@ def plot(rows: list[dict[str, Any]], workdir: pathlib.Path) -> pathlib.Path | No
     ax.axhline(teacher[-1]["bits_per_byte"], color="k", linestyle="--",
                label=f"attention teacher ({teacher[-1]['bits_per_byte']:.2f})")
     ax.set_xticks(range(len(targets)), targets)
+    top = max([r["bits_per_byte"] for r in rows if math.isfinite(r["bits_per_byte"])])
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
     ax.set_ylabel("held-out bits/byte (lower is better)")
     ax.set_xlabel("target mixer of the converted layers")
     ax.set_title("Attention -> recurrent conversion")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     ax.grid(alpha=0.3, axis="y")
     points = teacher[-1:] + [r for r in others if r["stage"] == "converted"]
     for r in points:
