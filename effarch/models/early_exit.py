@@ -94,10 +94,10 @@ def confidence(measure: str, logits: jax.Array, stream: jax.Array, previous: jax
         dot = jnp.sum(stream * previous, axis=-1)
         norms = jnp.linalg.norm(stream, axis=-1) * jnp.linalg.norm(previous, axis=-1)
         return dot / jnp.maximum(norms, 1e-12)
-    probs = jax.nn.softmax(logits, axis=-1)
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
     if measure == "max_prob":
-        return jnp.max(probs, axis=-1)
-    top2 = jax.lax.top_k(probs, 2)[0]
+        return jnp.exp(jnp.max(logits, axis=-1) - log_normaliser)
+    top2 = jnp.exp(jax.lax.top_k(logits, 2)[0] - log_normaliser[:, None])
     return top2[:, 0] - top2[:, 1]
 
 
@@ -149,25 +149,40 @@ def _step(lm: LM, variables, token: jax.Array, caches: tuple, threshold: jax.Arr
                     index=jnp.where(passes, k, state["index"]),
                     logits=jnp.where(passes[:, None], logits, state["logits"]))
 
-    new_caches = []
-    for i, spec in enumerate(cfg.layer_specs):
-        block = Block(cfg, spec)
-        layer_params = {"params": params[f"layer_{i}"]}
-        exit_k = cfg.exit_layers.index(i) if i in cfg.exit_layers else None
+    def run_segment(layers):
+        """Layers ``layers`` (ending at an exit) and that exit's head, for the rows still running."""
+        def branch(state, caches):
+            new = []
+            for i, cache in zip(layers, caches):
+                block = Block(cfg, cfg.layer_specs[i])
+                y, cache, _ = block.apply({"params": params[f"layer_{i}"]}, state["x"], cache)
+                state = dict(state, x=jnp.where(state["exited"][:, None, None], state["x"], y))
+                new.append(cache)
+            k = cfg.exit_layers.index(layers[-1])
+            return exit_head(state, k, "final_norm" if k == num_exits - 1 else f"exit_norm_{k}"), tuple(new)
+        return branch
 
-        def run(state, cache, block=block, layer_params=layer_params, exit_k=exit_k):
-            y, cache, _ = block.apply(layer_params, state["x"], cache)
-            state = dict(state, x=jnp.where(state["exited"][:, None, None], state["x"], y))
-            if exit_k is not None:
-                name = "final_norm" if exit_k == num_exits - 1 else f"exit_norm_{exit_k}"
-                state = exit_head(state, exit_k, name)
-            return state, cache
+    def propagate_segment(layers):
+        """The same layers when every row has exited: only their mixers' state updates."""
+        def branch(state, caches):
+            return state, tuple(Block(cfg, cfg.layer_specs[i]).apply(
+                {"params": params[f"layer_{i}"]}, state["x"], cache, method=Block.propagate)
+                for i, cache in zip(layers, caches))
+        return branch
 
-        def propagate(state, cache, block=block, layer_params=layer_params):
-            return state, block.apply(layer_params, state["x"], cache, method=Block.propagate)
-
-        state, cache = jax.lax.cond(jnp.all(state["exited"]), propagate, run, state, caches[i])
-        new_caches.append(cache)
+    # Segments end at the exits. Nobody has exited before the first exit, so the first segment runs
+    # as is; each later one is skipped, down to state propagation, once every row has exited.
+    new_caches, start = [], 0
+    for k, end in enumerate(cfg.exit_layers):
+        layers = range(start, end + 1)
+        caches_in = tuple(caches[i] for i in layers)
+        if k == 0:
+            state, out = run_segment(layers)(state, caches_in)
+        else:
+            state, out = jax.lax.cond(jnp.all(state["exited"]), propagate_segment(layers), run_segment(layers),
+                                      state, caches_in)
+        new_caches.extend(out)
+        start = end + 1
     return state["logits"], state["index"], tuple(new_caches)
 
 
