@@ -4,6 +4,7 @@ r"""Samples text from a run of experiments/train_lm.py, or from converted Huggin
     python experiments/sample.py --workdir runs/cpu-small --step 200 --greedy
     python experiments/sample.py --workdir runs/cpu-small --temperature 0.8 --top_p 0.95 --num_samples 4
     python experiments/sample.py --hf path/to/converted_model --prompt "The"
+    python experiments/sample.py --workdir runs/cpu-small-exits --exit_threshold 0.9   # early exit
 
 Loads the newest checkpoint of --workdir (or the one of --step) with
 ``effarch.train.load_run``, continues the prompt with
@@ -16,6 +17,11 @@ after the separator byte 0, so the prompt is encoded as 0 followed by its bytes
 (the start of a document), and the printed text stops where the model emits 0
 (the end of its document). With --hf, a model whose vocabulary is not bytes
 uses the Hugging Face tokenizer saved beside the weights (needs transformers).
+
+With --exit_threshold, a model trained with early exits (``LMConfig.early_exit``)
+generates with ``effarch.models.early_exit.generate``: each new token leaves at
+the first exit whose confidence (--exit_measure) passes the threshold, and the
+layers used per token are printed after the samples.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from effarch.data import SEPARATOR, VOCAB_SIZE
-from effarch.models import LM, LMConfig, generate
+from effarch.models import LM, LMConfig, early_exit, generate
 from effarch.train import count_params, load_run
 
 FLAGS = flags.FLAGS
@@ -59,6 +65,9 @@ class SampleOptions:
       seed: seed of the sampling key.
       num_samples: continuations drawn at once (the batch).
       repeats: timed calls after the compiling one; the fastest is reported.
+      exit_threshold: early exit: a token leaves at the first exit whose confidence is above this
+        (None: the full model; the model must have early exits).
+      exit_measure: the confidence of ``exit_threshold`` (effarch.models.early_exit.CONFIDENCE_MEASURES).
     """
 
     workdir: str | None = None
@@ -73,6 +82,8 @@ class SampleOptions:
     seed: int = 0
     num_samples: int = 1
     repeats: int = 5
+    exit_threshold: float | None = None
+    exit_measure: str = "max_prob"
 
     def __post_init__(self):
         if (self.workdir is None) == (self.hf is None):
@@ -92,6 +103,12 @@ class SampleOptions:
             raise ValueError(f"--top_k={self.top_k!r}; expected an int >= 1 (or none for every token).")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"--top_p={self.top_p!r}; expected a float in (0, 1], e.g. --top_p=0.95.")
+        if self.exit_threshold is not None and not -1.0 <= self.exit_threshold <= 1.0:
+            raise ValueError(f"--exit_threshold={self.exit_threshold!r}; expected a float in [-1, 1] "
+                             "(1.0 never exits early), e.g. --exit_threshold=0.9.")
+        if self.exit_measure not in early_exit.CONFIDENCE_MEASURES:
+            raise ValueError(f"--exit_measure={self.exit_measure!r}; expected one of "
+                             f"{', '.join(early_exit.CONFIDENCE_MEASURES)}.")
 
 
 class Codec(NamedTuple):
@@ -239,10 +256,17 @@ def run(options: SampleOptions, stream: TextIO = sys.stdout) -> Report:
 
     first_call = functools.partial(prefill, lm, variables, prompt, cache_len=prompt_len + new)
     _, prefill_compile_s, prefill_s = timed(first_call, options.repeats)
-    sample = functools.partial(generate, lm, variables, prompt, max_new_tokens=new, key=key,
-                               temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                               greedy=options.greedy)
+    sampling = dict(max_new_tokens=new, key=key, temperature=options.temperature, top_k=options.top_k,
+                    top_p=options.top_p, greedy=options.greedy)
+    if options.exit_threshold is None:
+        sample = functools.partial(generate, lm, variables, prompt, **sampling)
+    else:
+        sample = functools.partial(early_exit.generate, lm, variables, prompt, threshold=options.exit_threshold,
+                                   measure=options.exit_measure, **sampling)
     tokens, generate_compile_s, generate_s = timed(sample, options.repeats)
+    exits = None
+    if options.exit_threshold is not None:
+        tokens, exits = tokens.tokens, tokens
 
     how = "greedy" if options.greedy else (
         f"temperature {options.temperature}, top_k {options.top_k}, top_p {options.top_p}, seed {options.seed}")
@@ -255,6 +279,12 @@ def run(options: SampleOptions, stream: TextIO = sys.stdout) -> Report:
         if ended:
             print(END_MARK, file=stream)
 
+    if exits is not None and new > 1:  # the first new token comes from the prompt, at full depth
+        used = jax.device_get(exits.layers_used)[:, 1:]
+        shares = ", ".join(f"{(jax.device_get(exits.exit_index)[:, 1:] == k).mean():.0%} after layer {layer}"
+                           for k, layer in enumerate(config.exit_layers))
+        print(f"--- early exit ({options.exit_measure} > {options.exit_threshold}): {used.mean():.2f} of "
+              f"{config.n_layers} layers per token; {shares} ---", file=stream)
     decode_tokens, decode_s = batch * (new - 1), generate_s - prefill_s
     prefill_rate = batch * prompt_len / prefill_s
     decode_rate = decode_tokens / decode_s if decode_tokens and decode_s > 0 else None
@@ -287,6 +317,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the sampling.")
     flags.DEFINE_integer("num_samples", 1, "Continuations drawn at once (one batch).")
     flags.DEFINE_integer("repeats", 5, "Timed calls after the compiling one (the fastest is reported).")
+    flags.DEFINE_float("exit_threshold", None, "Early exit: leave at the first exit whose confidence is above this.")
+    flags.DEFINE_enum("exit_measure", "max_prob", list(early_exit.CONFIDENCE_MEASURES),
+                      "The confidence of --exit_threshold.")
 
 
 def main(argv):

@@ -120,7 +120,7 @@ def _check(name: str, lm: LM, threshold: float, measure: str) -> None:
 
 
 def _head(cfg, params):
-    return params["embed"]["embedding"].T if cfg.tie_embeddings else params["unembed"]
+    return params["embed"]["embedding"] if cfg.tie_embeddings else params["unembed"]
 
 
 def _step(lm: LM, variables, token: jax.Array, caches: tuple, threshold: jax.Array, measure: str):

@@ -73,8 +73,13 @@ def residual_stream(cfg: LMConfig, embedded: jax.Array) -> jax.Array:
 
 
 def output_logits(cfg: LMConfig, normed: jax.Array, head: jax.Array) -> jax.Array:
-    """A normed stream ``[B,T,D]`` and the output head ``[D, vocab]`` -> float32 (soft-capped) logits."""
-    logits = jnp.einsum("btd,dv->btv", normed, head.astype(cfg.dtype),
+    """A normed stream ``[B,T,D]`` and the output head -> float32 (soft-capped) logits ``[B,T,vocab]``.
+
+    ``head`` is the embedding ``[vocab, D]`` itself when ``tie_embeddings`` (no
+    transposed copy is made), else the ``unembed`` parameter ``[D, vocab]``.
+    """
+    spec = "btd,vd->btv" if cfg.tie_embeddings else "btd,dv->btv"
+    logits = jnp.einsum(spec, normed, head.astype(cfg.dtype),
                         preferred_element_type=jnp.float32).astype(jnp.float32)
     if cfg.logits_softcap is not None:
         logits = cfg.logits_softcap * jnp.tanh(logits / cfg.logits_softcap)
@@ -278,7 +283,7 @@ class LM(nn.Module):
         normed = [block_norm(cfg, f"exit_norm_{k}")(h) for k, h in enumerate(exit_states)]
         normed.append(block_norm(cfg, "final_norm")(x))
         if cfg.tie_embeddings:
-            head = embed.embedding.T  # [D, vocab]
+            head = embed.embedding  # [vocab, D]
         else:
             init = nn.with_logical_partitioning(nn.initializers.normal(EMBED_INIT_STD), UNEMBED_AXES)
             head = self.param("unembed", init, (cfg.d_model, cfg.vocab_size), cfg.param_dtype)

@@ -1,5 +1,6 @@
 """experiments/sample.py and effarch.train.load_run on a tiny run made by the Trainer that train_lm.py uses."""
 
+import dataclasses
 import io
 import logging
 import pathlib
@@ -125,8 +126,10 @@ RUN = {"workdir": "runs/x"}
     ({**RUN, "top_k": 0}, "--top_k=0; expected an int >= 1"),
     ({**RUN, "max_new_tokens": 0}, "--max_new_tokens=0; expected an int >= 1"),
     ({**RUN, "num_samples": 0}, "--num_samples=0; expected an int >= 1"),
+    ({**RUN, "exit_threshold": 1.5}, re.escape("--exit_threshold=1.5; expected a float in [-1, 1]")),
+    ({**RUN, "exit_measure": "entropy"}, "--exit_measure='entropy'; expected one of max_prob, margin, saturation"),
 ], ids=["no-source", "two-sources", "step-with-hf", "top_p-above-1", "top_p-0", "temperature-0", "top_k-0",
-        "no-new-tokens", "no-samples"])
+        "no-new-tokens", "no-samples", "exit-threshold", "exit-measure"])
 def test_bad_options_name_the_value_and_the_right_form(sample, fields, message):
     with pytest.raises(ValueError, match=message):
         sample.SampleOptions(**fields)
@@ -150,3 +153,26 @@ def test_script_exits_with_the_message_for_a_missing_workdir(tmp_path):
     assert done.stderr.strip() == (f"sample.py: workdir '{tmp_path}/none' does not exist; expected the --workdir "
                                    "of a training run (a folder holding config.json and checkpoints/).")
 
+
+
+def test_early_exit_needs_a_model_with_exits(sample, tiny_run):
+    options = dataclasses.replace(greedy_options(sample, tiny_run[0]), exit_threshold=0.5)
+    with pytest.raises(ValueError, match="the model has no early exits"):
+        sample.run(options, stream=io.StringIO())
+
+
+def test_early_exit_sampling_reports_the_layers_used(sample, tmp_path):
+    corpus = data.from_documents([TEXT.encode() * (i + 5) for i in range(20)], [f"doc{i}" for i in range(20)])
+    model_config = LMConfig.preset("tiny", n_layers=2, pattern="MA", early_exit=(0,))
+    config = train.TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, eval_batches=0, ckpt_every=2)
+    trainer = train.Trainer.create(model=LM(config=model_config), model_config=model_config, config=config,
+                                   train_data=data.PackedText(corpus, batch_size=2, seq_len=16, seed=0),
+                                   eval_data=None, workdir=tmp_path / "run")
+    trainer.run()
+    trainer.close()
+    out = io.StringIO()
+    options = dataclasses.replace(greedy_options(sample, tmp_path / "run"), exit_threshold=-1.0, repeats=1)
+    sample.run(options, stream=out)
+    # Threshold -1 passes at the first exit: every token after the first uses one layer of two.
+    assert "--- early exit (max_prob > -1.0): 1.00 of 2 layers per token; 100% after layer 0, 0% after layer 1 ---" \
+        in out.getvalue().splitlines()
