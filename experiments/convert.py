@@ -103,6 +103,7 @@ PRESETS = {
 
 
 def check_targets(targets: Sequence[str]) -> tuple[str, ...]:
+    """``targets`` as a tuple; a ValueError naming them and the valid names if any is not a target."""
     from effarch.models.linearize import TARGETS  # pylint: disable=import-outside-toplevel
 
     bad = [t for t in targets if t not in TARGETS]
@@ -112,6 +113,7 @@ def check_targets(targets: Sequence[str]) -> tuple[str, ...]:
 
 
 def teacher_config(preset: Preset):
+    """The all-attention teacher's ``LMConfig`` (cache long enough for the decode measurement)."""
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
     from effarch.models import LMConfig  # pylint: disable=import-outside-toplevel
@@ -123,6 +125,7 @@ def teacher_config(preset: Preset):
 
 
 def stage_config(preset: Preset, steps: int, lr: float, weight_decay: float = 0.1):
+    """The ``TrainConfig`` of one stage: its steps and peak lr, a tenth of them warmup."""
     from effarch.train import TrainConfig  # pylint: disable=import-outside-toplevel
 
     return TrainConfig(steps=steps, batch_size=preset.batch_size, seq_len=preset.seq_len, lr=lr,
@@ -451,20 +454,24 @@ def plot(rows: list[dict[str, Any]], workdir: pathlib.Path) -> pathlib.Path | No
     others = [r for r in rows if r["stage"] != "teacher"]
     if not teacher:
         return None
-    targets = list(dict.fromkeys(r["target"] for r in others))
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    models = list(dict.fromkeys((r["target"], r["layers"]) for r in others))  # [(target, layers)]
+
+    def name(target, layers):
+        return target if layers == "all" else f"{target}\nlayers {layers}"
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(max(12, 2.2 * len(models) + 4), 4.5))
     width = 0.8 / len(STAGES)
     for j, stage in enumerate(STAGES):
-        values = [next((r["bits_per_byte"] for r in others if r["target"] == t and r["stage"] == stage), float("nan"))
-                  for t in targets]
-        bars = ax.bar([i + (j - 1.5) * width for i in range(len(targets))], values, width, label=stage)
+        values = [next((r["bits_per_byte"] for r in others if (r["target"], r["layers"]) == m
+                        and r["stage"] == stage), float("nan")) for m in models]
+        bars = ax.bar([i + (j - 1.5) * width for i in range(len(models))], values, width, label=stage)
         for bar, v in zip(bars, values):
             if math.isfinite(v):
                 ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                             va="bottom", fontsize=7)
     ax.axhline(teacher[-1]["bits_per_byte"], color="k", linestyle="--",
                label=f"attention teacher ({teacher[-1]['bits_per_byte']:.2f})")
-    ax.set_xticks(range(len(targets)), targets)
+    ax.set_xticks(range(len(models)), [name(*m) for m in models], fontsize=8)
     top = max([r["bits_per_byte"] for r in rows if math.isfinite(r["bits_per_byte"])])
     ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
     ax.set_ylabel("held-out bits/byte (lower is better)")
@@ -474,7 +481,7 @@ def plot(rows: list[dict[str, Any]], workdir: pathlib.Path) -> pathlib.Path | No
     ax.grid(alpha=0.3, axis="y")
     points = teacher[-1:] + [r for r in others if r["stage"] == "converted"]
     for r in points:
-        label = "attention teacher" if r["stage"] == "teacher" else r["target"]
+        label = "attention teacher" if r["stage"] == "teacher" else name(r["target"], r["layers"]).replace("\n", ", ")
         bx.plot(r["cache_bytes"], r["decode_ms_per_token"], "o", label=label)
     bx.set_xscale("log")
     bx.set_xlabel(f"decode cache bytes per sequence (context {teacher[-1]['decode_context']})")
