@@ -7,8 +7,8 @@ import pytest
 
 from effarch.testing import load_experiment
 
-# Slow tier (`pytest -m slow`): about 3 minutes on the shared 2-core machine, nearly all of it compiling
-# the teacher and the four converted models' training, evaluation and decoding programs.
+# Slow tier (`pytest -m slow`): 41 s on the 2-core machine at load ~3 (about 3 minutes for the full smoke
+# preset's four targets), nearly all of it compiling the training, evaluation and decoding programs.
 pytestmark = pytest.mark.slow
 
 
