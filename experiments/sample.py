@@ -171,7 +171,9 @@ def load(options: SampleOptions) -> Loaded:
     else:
         config, _, params, step = load_run(options.workdir, step=options.step)
         variables = {"params": params}
-        codec = byte_codec()
+        # A run of a subword model (train_lm.py --init_from) keeps its tokenizer in <workdir>/tokenizer.
+        tokenizer_dir = str(pathlib.Path(options.workdir) / "tokenizer")
+        codec = byte_codec() if config.vocab_size == VOCAB_SIZE else hf_codec(tokenizer_dir, config.vocab_size)
         source = f"{options.workdir} at step {step}"
     source += f": {count_params(variables):,} params, pattern {config.layer_pattern}, max_len {config.max_len}"
     return Loaded(config=config, variables=variables, codec=codec, source=source)

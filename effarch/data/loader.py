@@ -67,28 +67,37 @@ def check_batch(batch: Batch, batch_size: int, seq_len: int) -> None:
 
 
 class PackedText:
-    """Windows of a byte stream, packed with segment ids, in a seeded order per epoch.
+    """Windows of a byte (or token-id) stream, packed with segment ids, in a seeded order per epoch.
 
     Attributes:
       batch_size: rows B per batch.
       seq_len: tokens T per row.
-      vocab_size: 256 (bytes).
+      vocab_size: 256 for bytes, or the tokenizer's for a token-id corpus.
       num_windows: windows per epoch.
     """
 
-    vocab_size = VOCAB_SIZE
-
-    def __init__(self, corpus: Corpus, *, batch_size: int, seq_len: int, seed: int, shuffle: bool = True):
+    def __init__(self, corpus: Corpus, *, batch_size: int, seq_len: int, seed: int, shuffle: bool = True,
+                 vocab_size: int | None = None):
         """Args:
-          corpus: the documents.
+          corpus: the documents (bytes, or token ids from ``effarch.data.tokenize``).
           batch_size: rows B per batch.
           seq_len: tokens T per row.
           seed: seeds the window order of every epoch.
           shuffle: visit windows in a seeded permutation per epoch (training);
             False visits them in stream order (evaluation).
+          vocab_size: the vocabulary of a token-id corpus (required there); a
+            byte corpus's is 256.
         """
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"{batch_size=}, {seq_len=}; expected positive ints.")
+        if corpus.is_bytes:
+            if vocab_size not in (None, VOCAB_SIZE):
+                raise ValueError(f"PackedText: vocab_size={vocab_size} for a byte corpus; bytes have {VOCAB_SIZE}.")
+            vocab_size = VOCAB_SIZE
+        elif vocab_size is None or vocab_size <= int(corpus.data.max()):
+            raise ValueError(f"PackedText: vocab_size={vocab_size} for a token-id corpus whose largest id is "
+                             f"{int(corpus.data.max())}; pass the tokenizer's vocabulary size.")
+        self.vocab_size = vocab_size
         if len(corpus.data) < seq_len + 1:
             raise ValueError(f"corpus of {len(corpus.data)} bytes is shorter than one window of seq_len + 1 = {seq_len + 1}.")
         self.corpus = corpus

@@ -23,7 +23,7 @@ import logging
 import os
 import pathlib
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,10 +41,11 @@ DEFAULT_CORPUS = "stdlib"
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Documents as one byte stream.
+    """Documents as one byte stream (or, after :func:`tokenize`, one stream of token ids).
 
     Attributes:
-      data: ``uint8 [N]``: every document, each preceded by ``SEPARATOR``.
+      data: ``uint8 [N]``: every document, each preceded by ``SEPARATOR``; or
+        ``int32 [N]`` token ids, each document preceded by a separator id.
       doc_starts: ``int64 [num_docs]``: offset in ``data`` of each document's separator.
       names: one name per document (a path, or ``pydoc_data.topics:<key>``).
     """
@@ -54,8 +55,9 @@ class Corpus:
     names: tuple[str, ...]
 
     def __post_init__(self):
-        if self.data.dtype != np.uint8 or self.data.ndim != 1:
-            raise ValueError(f"Corpus.data has dtype {self.data.dtype} shape {self.data.shape}; expected uint8 [N].")
+        if self.data.dtype not in (np.uint8, np.int32) or self.data.ndim != 1:
+            raise ValueError(f"Corpus.data has dtype {self.data.dtype} shape {self.data.shape}; expected uint8 [N] "
+                             "(bytes) or int32 [N] (token ids).")
         if len(self.doc_starts) != len(self.names):
             raise ValueError(f"Corpus has {len(self.doc_starts)} doc_starts but {len(self.names)} names.")
         if len(self.names) == 0 or self.doc_starts[0] != 0:
@@ -65,8 +67,16 @@ class Corpus:
     def num_docs(self) -> int:
         return len(self.names)
 
+    @property
+    def is_bytes(self) -> bool:
+        """Whether the stream is bytes (vocabulary 256) rather than token ids."""
+        return self.data.dtype == np.uint8
+
     def document(self, i: int) -> bytes:
-        """Bytes of document ``i``, without its separator."""
+        """Bytes of document ``i``, without its separator (a byte corpus only)."""
+        if not self.is_bytes:
+            raise ValueError("Corpus.document: this corpus holds token ids; split and select documents on the "
+                             "byte corpus, then tokenize each part.")
         end = self.doc_starts[i + 1] if i + 1 < self.num_docs else len(self.data)
         return self.data[self.doc_starts[i] + 1 : end].tobytes()
 
@@ -84,6 +94,30 @@ def from_documents(docs: Sequence[bytes], names: Sequence[str]) -> Corpus:
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     data = np.frombuffer(b"".join(bytes([SEPARATOR]) + d for d in docs), dtype=np.uint8)
     return Corpus(data=data, doc_starts=starts, names=tuple(names))
+
+
+def tokenize(corpus: Corpus, encode: Callable[[str], Sequence[int]], separator: int) -> Corpus:
+    """A byte corpus as token ids: each document's text (UTF-8) through ``encode``, after ``separator``.
+
+    Args:
+      corpus: a byte corpus.
+      encode: text -> token ids (e.g. a Hugging Face tokenizer's ``encode``
+        without special tokens).
+      separator: the id that precedes every document (e.g. the tokenizer's
+        end-of-sequence id), as the separator byte does in a byte corpus.
+
+    Returns:
+      An ``int32`` corpus with the same documents and names.
+    """
+    if not corpus.is_bytes:
+        raise ValueError("tokenize: the corpus already holds token ids.")
+    if not isinstance(separator, (int, np.integer)) or separator < 0:
+        raise ValueError(f"tokenize: separator={separator!r}; expected a token id >= 0.")
+    pieces = [np.asarray([separator, *encode(corpus.document(i).decode("utf-8", errors="replace"))], np.int32)
+              for i in range(corpus.num_docs)]
+    lengths = np.array([len(p) for p in pieces], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return Corpus(data=np.concatenate(pieces), doc_starts=starts, names=corpus.names)
 
 
 def cache_dir() -> pathlib.Path:

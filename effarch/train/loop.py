@@ -188,6 +188,21 @@ def make_eval_step(model: nn.Module) -> Callable:
     return eval_fn
 
 
+def _check_init_params(given: Any, expected: Any) -> None:
+    """Raises a ValueError naming the first parameter whose path, shape or dtype differs from the model's."""
+    given = nn.unbox(given)
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(given)[0]}
+    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"init_params do not match the model: missing {missing[:5]}, unexpected {extra[:5]} "
+                         f"({len(missing)} missing, {len(extra)} unexpected); expected the tree of model.init.")
+    for path, leaf in want.items():
+        if tuple(got[path].shape) != tuple(leaf.shape) or jnp.dtype(got[path].dtype) != jnp.dtype(leaf.dtype):
+            raise ValueError(f"init_params{path} has shape {tuple(got[path].shape)} and dtype {got[path].dtype}; "
+                             f"the model expects {tuple(leaf.shape)} {jnp.dtype(leaf.dtype)}.")
+
+
 def _remove_unstarted_run(workdir: pathlib.Path) -> None:
     """Deletes what a run that never finished a step wrote: its config, metrics, events, empty checkpoints."""
     for name in (ckpt_lib.CONFIG_FILE, metrics_lib.METRICS_FILE):
@@ -222,7 +237,7 @@ class Trainer:
 
     @classmethod
     def create(cls, *, model: nn.Module, model_config: Any, config: TrainConfig, train_data: Dataset,
-               eval_data: Dataset | None, workdir: str | pathlib.Path) -> "Trainer":
+               eval_data: Dataset | None, workdir: str | pathlib.Path, init_params: Any = None) -> "Trainer":
         """Checks the workdir's saved config, builds the mesh and state, restores the latest checkpoint.
 
         Args:
@@ -233,6 +248,11 @@ class Trainer:
           train_data: yields global batches ``[config.batch_size, config.seq_len]``.
           eval_data: held-out batches of the same shape, or None.
           workdir: where config, checkpoints and metrics live.
+          init_params: parameters to start a fresh run from (e.g. converted by
+            ``effarch.convert.from_hf``, or another run's from ``load_run``),
+            the same tree, shapes and dtypes as ``model.init`` makes; None:
+            initialise from ``config.seed``. A run that resumes from its own
+            checkpoint ignores them.
 
         Raises:
           ValueError: the workdir holds a run with another configuration, the
@@ -243,14 +263,15 @@ class Trainer:
         fresh = not (workdir / ckpt_lib.CONFIG_FILE).exists()
         try:
             return cls._create(model=model, model_config=model_config, config=config, train_data=train_data,
-                               eval_data=eval_data, workdir=workdir, is_main=is_main)
+                               eval_data=eval_data, workdir=workdir, is_main=is_main, given=init_params)
         except BaseException:
             if fresh and is_main:
                 _remove_unstarted_run(workdir)
             raise
 
     @classmethod
-    def _create(cls, *, model, model_config, config, train_data, eval_data, workdir, is_main) -> "Trainer":
+    def _create(cls, *, model, model_config, config, train_data, eval_data, workdir, is_main,
+                given) -> "Trainer":
         for name, ds in (("train_data", train_data), ("eval_data", eval_data)):
             if ds is not None and (ds.batch_size, ds.seq_len) != (config.batch_size, config.seq_len):
                 raise ValueError(
@@ -275,12 +296,21 @@ class Trainer:
             params = nn.unbox(init_params(key))
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
+        def given_state(params):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
         with mesh, nn.logical_axis_rules(sharding.LOGICAL_RULES):
             specs = sharding.param_specs(jax.eval_shape(init_params, init_key), mesh)
             param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
             abstract = jax.eval_shape(init_state, init_key)
             state_sh = sharding.state_shardings(abstract, param_sh, mesh)
-            state = jax.jit(init_state, out_shardings=state_sh)(init_key)
+            checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
+            start = checkpoints.latest_step()
+            if given is not None and start is None:
+                _check_init_params(given, abstract.params)
+                state = jax.jit(given_state, out_shardings=state_sh)(nn.unbox(given))
+            else:
+                state = jax.jit(init_state, out_shardings=state_sh)(init_key)
             batch_sh = sharding.batch_sharding(mesh)
             replicated = NamedSharding(mesh, P())
             train_step = jax.jit(
@@ -289,13 +319,11 @@ class Trainer:
             )
             eval_step = jax.jit(make_eval_step(model), in_shardings=(param_sh, batch_sh), out_shardings=replicated)
 
-        checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-        start = checkpoints.latest_step()
         if start is not None:
             state = checkpoints.restore(state)
             _log.info("resuming from step %d (checkpoint in %s)", start, checkpoints.directory)
         else:
-            _log.info("starting fresh in %s", workdir)
+            _log.info("starting fresh in %s%s", workdir, "" if given is None else " from the given parameters")
         writer = metrics_lib.MetricsWriter(workdir, start_step=start or 0, enabled=is_main)
         return cls(model=model, config=config, train_data=train_data, eval_data=eval_data, workdir=workdir,
                    mesh=mesh, state=state, checkpoints=checkpoints, writer=writer, train_step=train_step,

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 import shutil
 
 import chex
@@ -24,7 +25,7 @@ def corpus():
     return data.split(data.from_documents(docs, [str(i) for i in range(200)]), 0.1)
 
 
-def _trainer(workdir, corpus, model_config=ToyConfig(), **overrides):
+def _trainer(workdir, corpus, model_config=ToyConfig(), init_params=None, **overrides):
     fields = dict(steps=24, batch_size=4, seq_len=SEQ, lr=1e-2, warmup_steps=2, log_every=4, eval_every=12,
                   eval_batches=2, ckpt_every=8, keep_checkpoints=2)
     config = train.TrainConfig(**{**fields, **overrides})
@@ -33,7 +34,7 @@ def _trainer(workdir, corpus, model_config=ToyConfig(), **overrides):
     return train.Trainer.create(
         model=ToyLM(model_config), model_config=model_config, config=config,
         train_data=data.PackedText(train_split, **shape),
-        eval_data=data.PackedText(held_out, **shape, shuffle=False), workdir=workdir,
+        eval_data=data.PackedText(held_out, **shape, shuffle=False), workdir=workdir, init_params=init_params,
     )
 
 
@@ -183,3 +184,23 @@ def test_a_run_refused_at_creation_leaves_the_folder_it_found(tmp_path, corpus, 
     with pytest.raises(ValueError, match="needs 8 devices"):
         _trainer(tmp_path / "new", corpus)
     assert not (tmp_path / "new").exists()
+
+
+def test_init_params_start_a_fresh_run_and_are_checked(tmp_path, corpus):
+    first = _trainer(tmp_path / "a", corpus, steps=4, ckpt_every=4, eval_batches=0)
+    first.run()
+    trained = jax.device_get(first.state.params)
+    first.close()
+    second = _trainer(tmp_path / "b", corpus, init_params=trained, steps=4, eval_batches=0)
+    chex.assert_trees_all_equal(jax.device_get(second.state.params), trained)
+    assert int(second.state.step) == 0
+    second.close()
+    path, leaf = jax.tree_util.tree_flatten_with_path(trained)[0][0]
+    name = jax.tree_util.keystr(path)
+    wrong = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.zeros((*x.shape, 2), x.dtype) if jax.tree_util.keystr(p) == name else x, trained)
+    with pytest.raises(ValueError, match=rf"init_params{re.escape(name)} has shape"):
+        _trainer(tmp_path / "c", corpus, init_params=wrong, eval_batches=0)
+    assert not (tmp_path / "c").exists()  # nothing left behind by a run that never started
+    with pytest.raises(ValueError, match="init_params do not match the model: missing"):
+        _trainer(tmp_path / "d", corpus, init_params={"other": np.zeros(3)}, eval_batches=0)
