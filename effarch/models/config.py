@@ -113,6 +113,9 @@ class LMConfig:
       layer_options: layer index -> mixer options overriding that layer only.
       mlp: ``"swiglu"``, ``"geglu"`` (tanh-GELU gate), ``"moe"`` or ``"none"``
         (mixer-only blocks).
+      layer_mlp: layer index -> that layer's MLP kind (one of the ``mlp``
+        kinds), overriding ``mlp`` and ``moe_every`` there; e.g. ``{3: "none"}``
+        for a mixer-only last block.
       d_ff: MLP hidden width; None: ``8/3 * d_model`` rounded up to 32.
       mlp_bias: biases on the dense MLP projections (not on MoE experts).
       moe: MoE options (used when ``mlp == "moe"``); a MoEConfig or a mapping.
@@ -178,6 +181,7 @@ class LMConfig:
     mixers: Mapping[str, tuple[str, Mapping[str, Any]]] = dataclasses.field(default_factory=dict)
     mixer_preset: str | None = None
     layer_options: Mapping[int, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    layer_mlp: Mapping[int, str] = dataclasses.field(default_factory=dict)
     mlp: str = "swiglu"
     d_ff: int | None = None
     mlp_bias: bool = False
@@ -289,7 +293,20 @@ class LMConfig:
                     f"[0, n_layers={self.n_layers})."
                 )
         object.__setattr__(self, "mixers", _freeze(self.mixers))
+        for index, kind in dict(self.layer_mlp).items():
+            if not isinstance(index, int) or not 0 <= index < self.n_layers:
+                raise ValueError(
+                    f"LMConfig: layer_mlp has key {index!r}; expected layer indices in [0, n_layers={self.n_layers})."
+                )
+            if kind not in MLP_KINDS:
+                raise ValueError(f"LMConfig: layer_mlp[{index}]={kind!r}; expected one of {MLP_KINDS}.")
+            if kind == "moe" and self.projection != "dense":
+                raise ValueError(
+                    f"LMConfig: layer_mlp[{index}]='moe' with projection={self.projection!r}; MoE experts are "
+                    "dense batched matmuls, use projection='dense' with MoE."
+                )
         object.__setattr__(self, "layer_options", _freeze(self.layer_options))
+        object.__setattr__(self, "layer_mlp", _freeze(self.layer_mlp))
         self.layer_specs  # builds (and so validates) every layer's mixer config
 
     def _check_early_exit(self, fail) -> None:
@@ -381,6 +398,7 @@ class LMConfig:
             mlp = self.mlp
             if mlp == "moe" and i % self.moe_every != self.moe_offset:
                 mlp = MOE_DENSE_KIND
+            mlp = self.layer_mlp.get(i, mlp)
             specs.append(LayerSpec(letter, mixer, mod, mlp))
         return tuple(specs)
 
@@ -410,7 +428,7 @@ class LMConfig:
                 value = jnp.dtype(value).name
             elif f.name == "moe":
                 value = dataclasses.asdict(value)
-            elif f.name == "layer_options":
+            elif f.name in ("layer_options", "layer_mlp"):
                 value = {str(k): _thaw(v) for k, v in value.items()}
             else:
                 value = _thaw(value)
@@ -424,8 +442,9 @@ class LMConfig:
         for name in ("dtype", "param_dtype"):
             if name in data:
                 data[name] = jnp.dtype(data[name])
-        if "layer_options" in data:
-            data["layer_options"] = {int(k): v for k, v in data["layer_options"].items()}
+        for name in ("layer_options", "layer_mlp"):
+            if name in data:
+                data[name] = {int(k): v for k, v in data[name].items()}
         if "mixers" in data:
             data["mixers"] = {k: tuple(v) for k, v in data["mixers"].items()}
         return cls(**data)

@@ -299,3 +299,19 @@ def test_mod_model_routes_and_refuses_cache():
     assert np.any(nn.unbox(router_grad)["params"]["layer_1"]["router"]["kernel"] != 0)
     with pytest.raises(ValueError, match="Mixture-of-Depths layers cannot decode from a cache"):
         lm.init_cache(B, T)
+
+
+def test_layer_mlp_sets_one_layers_mlp_kind():
+    cfg = LMConfig.preset("tiny", n_layers=4, pattern="MA", layer_mlp={3: "none", 0: "geglu"})
+    assert [spec.mlp for spec in cfg.layer_specs] == ["geglu", "swiglu", "swiglu", "none"]
+    assert LMConfig.from_dict(cfg.to_dict()) == cfg
+    lm = LM(cfg)
+    params = lm.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    assert "mlp" not in params["layer_3"] and "mlp_norm" not in params["layer_3"]
+    assert "mlp" in params["layer_2"]
+    logits, _, _ = lm.apply({"params": params}, jnp.zeros((1, 8), jnp.int32))
+    assert logits.shape == (1, 8, cfg.vocab_size)
+    with pytest.raises(ValueError, match=r"layer_mlp\[1\]='relu'; expected one of"):
+        LMConfig.preset("tiny", layer_mlp={1: "relu"})
+    with pytest.raises(ValueError, match="layer_mlp has key 5"):
+        LMConfig.preset("tiny", layer_mlp={5: "none"})
