@@ -37,7 +37,7 @@ DEFAULT_MIXERS = {
     "M": ("mamba2", {}),
     "S": ("mamba", {}),
     "G": ("gla", {}),
-    "H": ("hgrn2", {}),
+    "H": ("hgrn2", {"lower_bound": "learned"}),  # the HGRN-2 model: bounds learned per layer
     "L": ("linear_attention", {}),
     "R": ("retnet", {}),
     "X": ("mlstm", {}),

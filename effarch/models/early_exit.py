@@ -35,7 +35,11 @@ exit is the final one); every generated token chooses its own.
 
 Batches: each row exits on its own (the others' streams are masked); the
 remaining layers are skipped, down to state propagation, once every row of
-the batch has exited. The saving is therefore largest at batch size 1.
+the batch has exited (``lax.cond``). The saving is therefore largest at batch
+size 1. A layer whose cache grows with the context (attention's keys and
+values) runs its mixer outside the ``lax.cond``, which skips only its MLP and
+exit head: XLA copies a conditional's operands in and out, and a copy of the
+KV cache costs more than the attention read it would save (seen on CPU).
 
     out = generate(lm, params, prompt, max_new_tokens=100, threshold=0.9, key=key)
     out.tokens       # [B, T + 100]
@@ -51,8 +55,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effarch import mixers
 from effarch.models.generate import check_prompt, check_sampling, sample_logits
-from effarch.models.lm import LM, Block, block_norm, output_logits, residual_stream
+from effarch.models.lm import LM, Block, block_norm, layer_lower_bounds, output_logits, residual_stream
 
 CONFIDENCE_MEASURES = ("max_prob", "margin", "saturation")
 
@@ -149,41 +154,51 @@ def _step(lm: LM, variables, token: jax.Array, caches: tuple, threshold: jax.Arr
                     index=jnp.where(passes, k, state["index"]),
                     logits=jnp.where(passes[:, None], logits, state["logits"]))
 
-    def run_segment(layers):
-        """Layers ``layers`` (ending at an exit) and that exit's head, for the rows still running."""
-        def branch(state, caches):
-            new = []
-            for i, cache in zip(layers, caches):
-                block = Block(cfg, cfg.layer_specs[i])
-                y, cache, _ = block.apply({"params": params[f"layer_{i}"]}, state["x"], cache)
-                state = dict(state, x=jnp.where(state["exited"][:, None, None], state["x"], y))
-                new.append(cache)
-            k = cfg.exit_layers.index(layers[-1])
-            return exit_head(state, k, "final_norm" if k == num_exits - 1 else f"exit_norm_{k}"), tuple(new)
-        return branch
+    def head_if_exit(state, i):
+        if i not in cfg.exit_layers:
+            return state
+        k = cfg.exit_layers.index(i)
+        return exit_head(state, k, "final_norm" if k == num_exits - 1 else f"exit_norm_{k}")
 
-    def propagate_segment(layers):
-        """The same layers when every row has exited: only their mixers' state updates."""
-        def branch(state, caches):
-            return state, tuple(Block(cfg, cfg.layer_specs[i]).apply(
-                {"params": params[f"layer_{i}"]}, state["x"], cache, method=Block.propagate)
-                for i, cache in zip(layers, caches))
-        return branch
+    def keep_running(state, x_new):
+        return dict(state, x=jnp.where(state["exited"][:, None, None], state["x"], x_new))
 
-    # Segments end at the exits. Nobody has exited before the first exit, so the first segment runs
-    # as is; each later one is skipped, down to state propagation, once every row has exited.
-    new_caches, start = [], 0
-    for k, end in enumerate(cfg.exit_layers):
-        layers = range(start, end + 1)
-        caches_in = tuple(caches[i] for i in layers)
-        if k == 0:
-            state, out = run_segment(layers)(state, caches_in)
+    new_caches = []
+    bounds = layer_lower_bounds(cfg, params)
+    for i, (spec, cache) in enumerate(zip(cfg.layer_specs, caches)):
+        block, layer, bound = Block(cfg, spec), {"params": params[f"layer_{i}"]}, bounds[i]
+
+        def run(state, cache, block=block, layer=layer, i=i, bound=bound):
+            y, cache, _ = block.apply(layer, state["x"], cache, None, bound)
+            return head_if_exit(keep_running(state, y), i), cache
+
+        def propagate(state, cache, block=block, layer=layer, bound=bound):
+            return state, block.apply(layer, state["x"], cache, bound, method=Block.propagate)
+
+        def finish(state, h, block=block, layer=layer, i=i):
+            x_new, _ = block.apply(layer, state["x"], h, method=Block.finish)
+            return head_if_exit(keep_running(state, x_new), i)
+
+        if i <= cfg.exit_layers[0]:  # nobody has exited before the first exit
+            state, cache = run(state, cache)
+        elif _cache_grows(spec.mixer):
+            # A cache that grows with the context (attention's keys and values) would be copied in
+            # and out of a lax.cond; its mixer runs unconditionally, only the rest is skipped.
+            h, cache = block.apply(layer, state["x"], cache, None, bound, method=Block.mix)
+            state = jax.lax.cond(jnp.all(state["exited"]), lambda state, h: state, finish, state, h)
         else:
-            state, out = jax.lax.cond(jnp.all(state["exited"]), propagate_segment(layers), run_segment(layers),
-                                      state, caches_in)
-        new_caches.extend(out)
-        start = end + 1
+            state, cache = jax.lax.cond(jnp.all(state["exited"]), propagate, run, state, cache)
+        new_caches.append(cache)
     return state["logits"], state["index"], tuple(new_caches)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_grows(mixer_config) -> bool:
+    """Whether a mixer's decode cache grows with the context (a KV cache) rather than being a fixed state."""
+    mixer = mixers.from_config(mixer_config)
+    sizes = [sum(leaf.size for leaf in jax.tree.leaves(jax.eval_shape(lambda: mixer.init_cache(1, length))))
+             for length in (16, 32)]
+    return sizes[1] > sizes[0]
 
 
 def _layers_used(cfg, index: jax.Array) -> jax.Array:

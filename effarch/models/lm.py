@@ -43,6 +43,7 @@ from effarch.layers.mlp import GatedMLP
 from effarch.layers.mod import MoDRouter, mixture_of_depths, selected_count
 from effarch.layers.moe import MoE
 from effarch.layers.norms import RMSNorm
+from effarch.mixers.hgrn2 import LEARNED, learned_lower_bounds
 from effarch.models.config import DENSE_MLP_ACTIVATIONS, LayerSpec, LMConfig
 
 # Logical axis names of the model's own parameters (docs/models.md).
@@ -50,6 +51,8 @@ EMBED_AXES = ("vocab", "embed")
 UNEMBED_AXES = ("embed", "vocab")
 # Name of the stacked axis of scanned parameters.
 LAYERS_AXIS = "layers"
+# The LM's parameter of HGRN-2's learned per-layer lower bounds, ``[n_layers, D]``.
+LOWER_BOUNDS_PARAM = "hgrn2_lower_bounds"
 # GPT-2's embedding initialisation scale.
 EMBED_INIT_STD = 0.02
 
@@ -57,6 +60,19 @@ EMBED_INIT_STD = 0.02
 # that report them.
 MOE_METRICS = ("moe_aux_loss", "moe_dropped_fraction")
 MOD_METRICS = ("mod_fraction",)
+
+
+def learns_lower_bound(spec: LayerSpec) -> bool:
+    """Whether a layer is HGRN-2 with the LM's learned lower bound (``lower_bound="learned"``)."""
+    return getattr(spec.mixer, "lower_bound", None) == LEARNED
+
+
+def layer_lower_bounds(cfg: LMConfig, params) -> list[jax.Array | None]:
+    """Each layer's learned HGRN-2 bound ``[D]`` from the LM's (unboxed, unscanned) params, or None."""
+    if LOWER_BOUNDS_PARAM not in params:
+        return [None] * cfg.n_layers
+    bounds = learned_lower_bounds(params[LOWER_BOUNDS_PARAM])
+    return [bounds[i] if learns_lower_bound(spec) else None for i, spec in enumerate(cfg.layer_specs)]
 
 
 def block_norm(cfg: LMConfig, name: str | None = None) -> RMSNorm:
@@ -115,9 +131,22 @@ class Block(nn.Module):
         if self.spec.mod:
             self.router = MoDRouter(param_dtype=cfg.param_dtype)
 
-    def residual(self, x, cache, segment_ids):
+    def residual(self, x, cache, segment_ids, lower_bound=None):
         """The block itself: ``x [B,T,D] -> (x [B,T,D], cache, aux)``."""
-        h, cache = self.mixer(self.mixer_norm(x), cache, segment_ids=segment_ids)
+        h, cache = self.mix(x, cache, segment_ids, lower_bound)
+        x, aux = self.finish(x, h)
+        return x, cache, aux
+
+    def mix(self, x, cache, segment_ids=None, lower_bound=None):
+        """The mixer's half: ``x [B,T,D] -> (mixer output h [B,T,D], cache)``.
+
+        ``lower_bound``: this layer's learned HGRN-2 bound ``[D]`` (:func:`layer_lower_bounds`), else None.
+        """
+        extra = {} if lower_bound is None else {"lower_bound": lower_bound}
+        return self.mixer(self.mixer_norm(x), cache, segment_ids=segment_ids, **extra)
+
+    def finish(self, x, h):
+        """The rest, from the mixer output ``h``: ``x + h``, then the MLP: ``(x [B,T,D], aux)``."""
         x = x + h.astype(x.dtype)
         aux = {}
         if self.spec.mlp in DENSE_MLP_ACTIVATIONS:
@@ -125,20 +154,19 @@ class Block(nn.Module):
         elif self.spec.mlp == "moe":
             y, aux = self.mlp(self.mlp_norm(x))
             x = x + y.astype(x.dtype)
-        return x, cache, aux
+        return x, aux
 
-    def propagate(self, x, cache):
+    def propagate(self, x, cache, lower_bound=None):
         """Only the mixer's state update from ``x [B,T,D]`` (its output unused): the cache after ``x``.
 
         Early exit runs this in the layers a token skips (effarch.models.early_exit).
         """
-        _, cache = self.mixer(self.mixer_norm(x), cache)
-        return cache
+        return self.mix(x, cache, None, lower_bound)[1]
 
-    def __call__(self, x, cache=None, segment_ids=None):
+    def __call__(self, x, cache=None, segment_ids=None, lower_bound=None):
         """``x [B,T,D] -> (x [B,T,D], cache, aux dict of scalars)``."""
         if not self.spec.mod:
-            return self.residual(x, cache, segment_ids)
+            return self.residual(x, cache, segment_ids, lower_bound)
         if cache is not None:
             raise ValueError(
                 f"LM: layer {self.name} is a Mixture-of-Depths layer (mod_capacity="
@@ -147,7 +175,7 @@ class Block(nn.Module):
             )
 
         def routed(x_sel, seg_sel):
-            y, _, aux = self.residual(x_sel, None, seg_sel)
+            y, _, aux = self.residual(x_sel, None, seg_sel, lower_bound)
             return y, aux
 
         x, aux = mixture_of_depths(routed, x, self.router(x), self.config.mod_capacity, segment_ids)
@@ -173,13 +201,15 @@ class LayerGroup(nn.Module):
     config: LMConfig
 
     @nn.compact
-    def __call__(self, x, caches, segment_ids):
-        """``(x, per-layer caches | None, segment_ids) -> (x, (caches | None, summed aux))``."""
+    def __call__(self, x, caches, segment_ids, lower_bounds):
+        """``(x, per-layer caches | None, segment_ids, [P, D] bounds | None) -> (x, (caches | None, summed aux))``."""
         block = _block_class(self.config)
         new_caches, total = [], {}
         for j in range(self.config.period):
+            bound = None if lower_bounds is None or not learns_lower_bound(self.config.layer_specs[j]) \
+                else lower_bounds[j]
             x, cache, aux = block(self.config, self.config.layer_specs[j], name=f"layer_{j}")(
-                x, None if caches is None else caches[j], segment_ids
+                x, None if caches is None else caches[j], segment_ids, bound
             )
             new_caches.append(cache)
             total = _add_metrics(total, aux)
@@ -244,24 +274,31 @@ class LM(nn.Module):
         x = residual_stream(cfg, embed(tokens))  # [B, T, D]
         last_layer = self._check_exit_at(exit_at, tokens.shape)  # [B, T] or None
 
+        bounds = None
+        if any(learns_lower_bound(spec) for spec in cfg.layer_specs):
+            init = nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed"))
+            bounds = learned_lower_bounds(self.param(LOWER_BOUNDS_PARAM, init, (cfg.n_layers, cfg.d_model),
+                                                     cfg.param_dtype))  # [L, D]
         exit_states = []  # residual streams at the early exits
         if cfg.scan_layers:
             groups = nn.scan(
                 LayerGroup,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast),
+                in_axes=(0, nn.broadcast, 0),
                 length=cfg.n_layers // cfg.period,
                 metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
             )(cfg, name="groups")
-            x, (cache, summed) = groups(x, cache, segment_ids)
+            grouped = None if bounds is None else bounds.reshape(cfg.n_layers // cfg.period, cfg.period, -1)
+            x, (cache, summed) = groups(x, cache, segment_ids, grouped)
             total = jax.tree.map(lambda s: jnp.sum(s, axis=0), summed)
         else:
             block = _block_class(cfg)
             new_caches, total = [], {}
             for i, spec in enumerate(cfg.layer_specs):
+                bound = bounds[i] if learns_lower_bound(spec) else None
                 y, layer_cache, aux = block(cfg, spec, name=f"layer_{i}")(
-                    x, None if cache is None else cache[i], segment_ids
+                    x, None if cache is None else cache[i], segment_ids, bound
                 )
                 x = y if last_layer is None else jnp.where((i > last_layer)[..., None], x, y)
                 if i in cfg.early_exit:

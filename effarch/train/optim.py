@@ -31,6 +31,7 @@ NO_DECAY = frozenset({
     "w0", "a0", "k_a", "k_k", "r_k", "x_mix",  # RWKV-7
     "fgate_bias", "igate_bias", "skip",  # mLSTM
     "filter_bias",  # Hyena's implicit filter
+    "hgrn2_lower_bounds",  # HGRN-2's learned per-layer forget-gate bounds (the LM's)
 })
 
 

@@ -81,3 +81,28 @@ def test_gla_decay_starts_near_one():
 def test_bad_options_are_named(name, options, message):
     with pytest.raises(ValueError, match=message):
         mixers.build(name, d_model=16, **options)
+
+
+@pytest.mark.parametrize("lower_bound", [0.0, 0.3, 0.9])
+def test_hgrn2_vector_lower_bound_equals_the_scalar_one(lower_bound):
+    logits = jnp.linspace(-40, 40, 81)
+    want = forget_gate(logits, lower_bound)
+    got = forget_gate(logits, jnp.full((81,), lower_bound))
+    assert_relative_close(got[0], want[0], name="log f")
+    assert_relative_close(got[1], want[1], name="1 - f")
+
+
+def test_hgrn2_learned_bound_is_a_call_argument():
+    learned = mixers.build("hgrn2", d_model=16, preset="tiny", lower_bound="learned")
+    fixed = mixers.build("hgrn2", d_model=16, preset="tiny", lower_bound=0.3)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 7, 16))
+    params = fixed.init(jax.random.PRNGKey(1), x)
+    y_fixed, _ = fixed.apply(params, x)
+    y_learned, _ = learned.apply(params, x, lower_bound=jnp.full((16,), 0.3))
+    assert_relative_close(y_learned, y_fixed, name="learned bound 0.3 vs config bound 0.3")
+    with pytest.raises(ValueError, match="a 'learned' bound comes from the LM"):
+        learned.apply(params, x)
+    with pytest.raises(ValueError, match=r"lower_bound has shape \(8,\); expected \[16\]"):
+        learned.apply(params, x, lower_bound=jnp.zeros((8,)))
+    with pytest.raises(ValueError, match="lower_bound='fixed'; expected a float in"):
+        mixers.make_config("hgrn2", d_model=16, lower_bound="fixed")

@@ -13,6 +13,7 @@ import pytest
 from effarch.layers.mod import mixture_of_depths, mixture_of_depths_reference, select_tokens
 from effarch.layers.mlp import GatedMLP, SwiGLU, swiglu_reference
 from effarch.models import LM, LMConfig, stack_layer_params, unstack_layer_params
+from effarch.models.lm import layer_lower_bounds
 from effarch.models.config import attention_layout
 from effarch.testing import assert_relative_close, descent_losses
 
@@ -315,3 +316,38 @@ def test_layer_mlp_sets_one_layers_mlp_kind():
         LMConfig.preset("tiny", layer_mlp={1: "relu"})
     with pytest.raises(ValueError, match="layer_mlp has key 5"):
         LMConfig.preset("tiny", layer_mlp={5: "none"})
+
+
+def test_hgrn2_learned_lower_bounds_follow_the_hgrn2_model():
+    """Zero logits: a uniform softmax over L layers, so layer i's bound is i / L (HGRN-2's cumsum minus layer 0)."""
+    cfg = LMConfig.preset("tiny", n_layers=4, pattern="HHAH")
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
+    lm = LM(cfg)
+    variables = nn.unbox(lm.init(jax.random.key(1), tokens))
+    assert variables["params"]["hgrn2_lower_bounds"].shape == (4, cfg.d_model)
+    fixed_cfg = LMConfig.preset("tiny", n_layers=4, pattern="HHAH",
+                                layer_options={0: {"lower_bound": 0.0}, 1: {"lower_bound": 0.25},
+                                               3: {"lower_bound": 0.75}})
+    fixed_params = {k: v for k, v in variables["params"].items() if k != "hgrn2_lower_bounds"}
+    want, _, _ = LM(fixed_cfg).apply({"params": fixed_params}, tokens)
+    got, _, _ = lm.apply(variables, tokens)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    # Random logits: the bounds are the numpy formula, and decoding token by token equals the full forward.
+    logits = np.random.default_rng(0).normal(size=(4, cfg.d_model)).astype(np.float32)
+    variables["params"]["hgrn2_lower_bounds"] = jnp.asarray(logits)
+    shares = np.exp(logits) / np.exp(logits).sum(0)
+    bounds = layer_lower_bounds(cfg, variables["params"])
+    assert bounds[2] is None
+    for i in (0, 1, 3):
+        np.testing.assert_allclose(bounds[i], np.cumsum(shares, 0)[i] - shares[0], rtol=1e-5, atol=1e-7)
+    full, _, _ = lm.apply(variables, tokens)
+    cache = lm.init_cache(2, 12)
+    steps = []
+    for t in range(12):
+        out, _, cache = lm.apply(variables, tokens[:, t:t + 1], cache=cache)
+        steps.append(out)
+    chex.assert_trees_all_close(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
+    scanned = LMConfig.preset("tiny", n_layers=4, pattern="HHAH", scan_layers=True)
+    stacked = stack_layer_params(variables, scanned)
+    out, _, _ = LM(scanned).apply(stacked, tokens)
+    chex.assert_trees_all_close(out, full, rtol=1e-5, atol=1e-5)
