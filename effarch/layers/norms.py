@@ -138,7 +138,8 @@ class HeadNorm(nn.Module):
     Attributes:
       kind: ``"rms"`` or ``"layer"`` statistics.
       eps: added to the variance.
-      use_scale: learn a per-(head, channel) scale (initialised to 1).
+      use_scale: learn a per-(head, channel) scale.
+      scale_init: the scale's initial value (1; RWKV-7 sets it by depth).
       dtype: output dtype.
       param_dtype: dtype of the scale.
     """
@@ -146,6 +147,7 @@ class HeadNorm(nn.Module):
     kind: str = "rms"
     eps: float = DEFAULT_EPS
     use_scale: bool = True
+    scale_init: float = 1.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -158,5 +160,6 @@ class HeadNorm(nn.Module):
             raise ValueError(f"HeadNorm: x has shape {tuple(x.shape)}; expected [..., H, V].")
         y = rms_normalize(x, self.eps) if self.kind == "rms" else layer_normalize(x, self.eps)
         if self.use_scale:
-            y = y * self.param("scale", nn.initializers.ones, x.shape[-2:], self.param_dtype).astype(jnp.float32)
+            init = nn.initializers.constant(self.scale_init)
+            y = y * self.param("scale", init, x.shape[-2:], self.param_dtype).astype(jnp.float32)
         return y.astype(self.dtype)

@@ -17,8 +17,13 @@ Evolution"): the generalised delta rule ``S_t = diag(w_t) S_{t-1} -
 (a_t ⊙ kappa_t) (kappa_t^T S_{t-1}) + k̃_t v_t^T``, ``o_t = S_t^T r_t``, via
 ``ops.generalized_delta_rule``, with a per-channel decay ``w_t = exp(-e^{-1/2}
 sigmoid(.))``, an in-context learning rate ``a_t``, the normalised removal key
-``kappa_t`` and a bonus ``(r_t . (k̃_t ⊙ r_k)) v_t`` after the group norm. The
-value residual across layers (``v_first``) is omitted: a mixer sees one layer.
+``kappa_t`` and a bonus ``(r_t . (k̃_t ⊙ r_k)) v_t`` after the group norm. With
+``value_residual`` (the default of letter ``V`` in ``LMConfig``) the layer takes
+part in RWKV-7's value residual: the first RWKV-7 layer of the stack hands its
+values on as ``v_first``, and every later one mixes them in,
+``v = lerp(v, v_first, sigmoid(v0 + LoRA_v(x_v)))``. The initialisation follows
+the current RWKV-7 reference (the layer's depth, ``layer_ratio`` and
+``num_layers``, which ``LMConfig`` sets per layer).
 
 Both use token shift: inputs are interpolated with the previous token (zero
 before the first token and at a packed-segment start); the decode cache keeps
@@ -115,6 +120,14 @@ class RWKV7Config(RWKVConfig):
     Attributes:
       iclr_lora: rank of the LoRA producing the in-context learning rate a.
       gate_lora: rank of the LoRA producing the output gate.
+      value_lora: rank of the LoRA producing the value-residual mix.
+      value_residual: take part in the value residual across layers: the call
+        takes ``value_residual=(v_first,)`` (``(None,)`` in the stack's first
+        RWKV-7 layer, which then has no mixing parameters) and returns
+        ``(y, cache, v_first)`` (module docstring); False: a plain mixer.
+      num_layers: layers L of the stack, for the depth-dependent init
+        (``layer_ratio = l / (L - 1)``); None: ``1 - layer_ratio`` stands for
+        the reference's ``1 - l / L``.
     """
 
     IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = ("recurrent", "chunked")
@@ -124,11 +137,25 @@ class RWKV7Config(RWKVConfig):
 
     iclr_lora: int = 64
     gate_lora: int = 128
+    value_lora: int = 32
+    value_residual: bool = False
+    num_layers: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        if self.iclr_lora < 1 or self.gate_lora < 1:
-            raise ValueError(f"RWKV7Config: iclr_lora={self.iclr_lora}, gate_lora={self.gate_lora}; expected >= 1.")
+        if self.iclr_lora < 1 or self.gate_lora < 1 or self.value_lora < 1:
+            raise ValueError(f"RWKV7Config: iclr_lora={self.iclr_lora}, gate_lora={self.gate_lora}, "
+                             f"value_lora={self.value_lora}; expected >= 1.")
+        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+            raise ValueError(f"RWKV7Config: num_layers={self.num_layers!r}; expected None or a positive int.")
+
+    @property
+    def depth_ratios(self) -> tuple[float, float]:
+        """The reference init's ``(l / (L - 1), 1 - l / L)`` of this layer."""
+        if self.num_layers is None:
+            return self.layer_ratio, 1.0 - self.layer_ratio
+        index = round(self.layer_ratio * (self.num_layers - 1))
+        return self.layer_ratio, 1.0 - index / self.num_layers
 
 
 class RWKVCache(NamedTuple):
@@ -277,10 +304,10 @@ class _RWKVTimeMix(Mixer):
             return y, None
         return y, RWKVCache(shift=x[:, -1].astype(cache.shift.dtype), state=state)
 
-    def _group_norm(self, o):
+    def _group_norm(self, o, scale: float = 1.0):
         cfg = self.config
         return HeadNorm(kind="layer", eps=GROUP_NORM_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                        name="ln_x")(o)
+                        scale_init=scale, name="ln_x")(o)
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> RWKVCache:
         """An empty cache; its size does not depend on ``max_len``."""
@@ -354,18 +381,32 @@ class RWKV7(_RWKVTimeMix):
 
     Static token-shift interpolations; LoRAs give the decay, the in-context
     learning rate ``a`` and the output gate; the generalised delta rule; the
-    per-head GroupNorm; the bonus ``(r . (k ⊙ r_k)) v``. No value residual.
+    per-head GroupNorm; the bonus ``(r . (k ⊙ r_k)) v``; the value residual across
+    layers with ``config.value_residual`` (module docstring).
     """
 
     config: RWKV7Config
 
     @nn.compact
-    def __call__(self, x, cache: RWKVCache | None = None, *, segment_ids=None):
+    def __call__(self, x, cache: RWKVCache | None = None, *, segment_ids=None, value_residual=None):
+        """``x [B,T,D] -> (y, cache)``; with ``config.value_residual`` also ``value_residual``
+        ``(v_first [B,T,D] | None,)`` in and ``(y, cache, v_first)`` out."""
         cfg = self.config
         check_decode_inputs("rwkv7", x, cache, segment_ids, cfg.d_model)
+        if cfg.value_residual != (value_residual is not None):
+            raise ValueError(
+                f"rwkv7: value_residual={cfg.value_residual} in the config and value_residual="
+                f"{'given' if value_residual is not None else None} in the call; a value-residual layer takes "
+                "(v_first,) from the LM ((None,) in the first such layer), a plain one takes nothing."
+            )
         d, heads = cfg.d_model, cfg.num_heads
-        r0, r1 = cfg.layer_ratio, 1.0 - cfg.layer_ratio
-        depth = jnp.arange(d, dtype=jnp.float32) / d
+        r0, r1 = cfg.depth_ratios
+        n = jnp.arange(d, dtype=jnp.float32)
+        depth = n / d
+        linear = n / max(d - 1, 1) - 0.5
+        half = max((cfg.head_size - 1) / 2, 0.5)
+        zigzag = ((n % cfg.head_size) - (cfg.head_size - 1) / 2) / half
+        zigzag = zigzag * jnp.abs(zigzag)
         x, xx = self._shift(x, cache, segment_ids)
 
         powers = jnp.array([0.2, 0.9, 0.7, 0.7, 0.9, 0.2])[:, None]  # r, w, k, v, a, g
@@ -377,21 +418,36 @@ class RWKV7(_RWKVTimeMix):
             hidden = activation(self.proj(rank, f"{name}_lora_a", kernel_init=nn.initializers.zeros)(inputs))
             return self.proj(d, f"{name}_lora_b", kernel_init=nn.initializers.orthogonal(0.1))(hidden)
 
-        r = split_heads(self.proj(d, "receptance")(mixed["r"]), heads)
-        k = self.proj(d, "key")(mixed["k"])
-        v = split_heads(self.proj(d, "value")(mixed["v"]), heads)
+        r = split_heads(self.proj(d, "receptance", kernel_init=nn.initializers.orthogonal())(mixed["r"]), heads)
+        k = self.proj(d, "key", kernel_init=nn.initializers.orthogonal(0.1))(mixed["k"])
+        v = self.proj(d, "value", kernel_init=nn.initializers.orthogonal())(mixed["v"])  # [B,T,D]
+        v_first = None
+        if value_residual is not None:
+            (given,) = value_residual
+            if given is None:  # the stack's first RWKV-7 layer: its values are v_first (no mixing parameters)
+                v_first = v
+            else:
+                if tuple(given.shape) != tuple(v.shape):
+                    raise ValueError(f"rwkv7: v_first has shape {tuple(given.shape)}; expected {tuple(v.shape)}.")
+                v0 = self.param("v0", _constant(0.73 - 0.4 * linear), (d,), cfg.param_dtype)
+                mix = jax.nn.sigmoid(v0.astype(jnp.float32)
+                                     + lora("value", cfg.value_lora, mixed["v"]).astype(jnp.float32))
+                v32 = v.astype(jnp.float32)
+                v = (v32 + (given.astype(jnp.float32) - v32) * mix).astype(v.dtype)  # lerp(v, v_first, mix)
+                v_first = given
+        v = split_heads(v, heads)
 
-        decay_init = -7.0 + 5.0 * _ramp(d) ** (0.85 + r0**0.5) + 0.5
+        decay_init = -6.0 + 6.0 * (n / max(d - 1, 1)) ** (1.0 + r0**0.3) + 0.5 + 2.5 * zigzag
         w0 = self.param("w0", _constant(decay_init), (d,), cfg.param_dtype)
         w_pre = w0.astype(jnp.float32) + lora("decay", cfg.decay_lora, mixed["w"], jnp.tanh).astype(jnp.float32)
         log_w = -RWKV7_MAX_LOG_DECAY * jax.nn.sigmoid(w_pre)  # [B,T,D], in (-e^{-1/2}, 0)
 
-        a0 = self.param("a0", nn.initializers.zeros, (d,), cfg.param_dtype)
+        a0 = self.param("a0", _constant(-0.19 + 0.3 * zigzag + 0.4 * linear), (d,), cfg.param_dtype)
         iclr = jax.nn.sigmoid(a0.astype(jnp.float32) + lora("iclr", cfg.iclr_lora, mixed["a"]).astype(jnp.float32))
         gate = lora("gate", cfg.gate_lora, mixed["g"], jax.nn.sigmoid)
 
-        k_k = self.param("k_k", nn.initializers.constant(0.85), (d,), cfg.param_dtype)
-        k_a = self.param("k_a", nn.initializers.ones, (d,), cfg.param_dtype)
+        k_k = self.param("k_k", _constant(0.71 - 0.1 * linear), (d,), cfg.param_dtype)
+        k_a = self.param("k_a", nn.initializers.constant(1.02), (d,), cfg.param_dtype)
         kk = split_heads(k.astype(jnp.float32) * k_k.astype(jnp.float32), heads)
         kk = kk / jnp.maximum(jnp.linalg.norm(kk, axis=-1, keepdims=True), L2_EPS)
         k = k.astype(jnp.float32) * (1.0 + (iclr - 1.0) * k_a.astype(jnp.float32))
@@ -405,8 +461,12 @@ class RWKV7(_RWKVTimeMix):
         r_k = self.param("r_k", nn.initializers.constant(-0.04), (heads, cfg.head_size), cfg.param_dtype)
         bonus = jnp.einsum("bthk,bthk,hk->bth", r.astype(jnp.float32), k.astype(jnp.float32),
                            r_k.astype(jnp.float32))  # [B,T,H]
-        o = self._group_norm(o).astype(jnp.float32) + bonus[..., None] * v.astype(jnp.float32)
-        return self._output(o, gate, x, state, cache)
+        norm_scale = ((round(r0 * ((cfg.num_layers or 2) - 1)) + 1) / (cfg.num_layers or 2)) ** 0.7
+        o = self._group_norm(o, scale=norm_scale).astype(jnp.float32) + bonus[..., None] * v.astype(jnp.float32)
+        # The reference zero-initialises the output projection; we keep the default so that a
+        # fresh layer's output (and every test of it) is not identically zero.
+        y, cache = self._output(o, gate, x, state, cache)
+        return (y, cache) if value_residual is None else (y, cache, v_first)
 
 
 def _shifted(init, offset: float):

@@ -43,9 +43,11 @@ DEFAULT_MIXERS = {
     "X": ("mlstm", {}),
     "D": ("gated_deltanet", {}),
     "K": ("rwkv6", {}),
-    "V": ("rwkv7", {}),
+    "V": ("rwkv7", {"value_residual": True}),  # RWKV-7's value residual across its layers
     "Q": ("rglru", {}),
 }
+# Mixers whose initialisation depends on the layer's depth; LMConfig sets their ``layer_ratio``.
+DEPTH_INITIALISED = ("rwkv6", "rwkv7")
 # The letters ``attention_ratio`` lays out: attention and everything else.
 ATTENTION_LETTER = "A"
 RECURRENT_LETTER = "M"
@@ -307,7 +309,15 @@ class LMConfig:
                 )
         object.__setattr__(self, "layer_options", _freeze(self.layer_options))
         object.__setattr__(self, "layer_mlp", _freeze(self.layer_mlp))
-        self.layer_specs  # builds (and so validates) every layer's mixer config
+        specs = self.layer_specs  # builds (and so validates) every layer's mixer config
+        residual = [i for i, spec in enumerate(specs) if getattr(spec.mixer, "value_residual", False) is True]
+        if residual and (self.scan_layers or self.has_mod):
+            raise ValueError(
+                f"LMConfig: layers {residual} are RWKV-7 with value_residual=True (the first one's values mix "
+                f"into the later ones) and scan_layers={self.scan_layers}, mod_capacity={self.mod_capacity}; "
+                "the value residual needs scan_layers=False and no Mixture-of-Depths, or set "
+                "mixers={'V': ('rwkv7', {'value_residual': False})}."
+            )
 
     def _check_early_exit(self, fail) -> None:
         exits = self.early_exit
@@ -391,6 +401,10 @@ class LMConfig:
                         )
                     preset = presets[self.mixer_preset]
                 merged = {**shared, **preset, **options, **self.layer_options.get(i, {})}
+                if name in DEPTH_INITIALISED and "layer_ratio" not in merged:  # RWKV initialises by depth
+                    merged["layer_ratio"] = i / max(self.n_layers - 1, 1)
+                    if name == "rwkv7":
+                        merged.setdefault("num_layers", self.n_layers)
                 mixer = mixers_lib.make_config(name, self.d_model, **merged)
             except ValueError as err:
                 raise ValueError(f"LMConfig: layer {i} (letter {letter!r}): {err}") from err

@@ -57,7 +57,9 @@ import jax.numpy as jnp
 
 from effarch import mixers
 from effarch.models.generate import check_prompt, check_sampling, sample_logits
-from effarch.models.lm import LM, Block, block_norm, layer_lower_bounds, output_logits, residual_stream
+from effarch.models.lm import (
+    LM, V_FIRST, Block, block_norm, layer_lower_bounds, output_logits, residual_stream, takes_value_residual,
+)
 
 CONFIDENCE_MEASURES = ("max_prob", "margin", "saturation")
 
@@ -165,15 +167,25 @@ def _step(lm: LM, variables, token: jax.Array, caches: tuple, threshold: jax.Arr
 
     new_caches = []
     bounds = layer_lower_bounds(cfg, params)
+    # RWKV-7's value residual: the stack's first such layer hands its values on to the later ones.
+    residual_layers = [i for i, spec in enumerate(cfg.layer_specs) if takes_value_residual(spec)]
+    if residual_layers:
+        state["v_first"] = jnp.zeros((batch, 1, cfg.d_model), cfg.dtype)
     for i, (spec, cache) in enumerate(zip(cfg.layer_specs, caches)):
         block, layer, bound = Block(cfg, spec), {"params": params[f"layer_{i}"]}, bounds[i]
+        first = bool(residual_layers) and i == residual_layers[0]
 
-        def run(state, cache, block=block, layer=layer, i=i, bound=bound):
-            y, cache, _ = block.apply(layer, state["x"], cache, None, bound)
+        def v_in(state, spec=spec, first=first):
+            return None if first or not takes_value_residual(spec) else state["v_first"]
+
+        def run(state, cache, block=block, layer=layer, i=i, bound=bound, first=first):
+            y, cache, aux = block.apply(layer, state["x"], cache, None, bound, v_in(state))
+            state = dict(state, v_first=aux[V_FIRST]) if first else state
             return head_if_exit(keep_running(state, y), i), cache
 
-        def propagate(state, cache, block=block, layer=layer, bound=bound):
-            return state, block.apply(layer, state["x"], cache, bound, method=Block.propagate)
+        def propagate(state, cache, block=block, layer=layer, bound=bound, first=first):
+            _, cache, *passed = block.apply(layer, state["x"], cache, None, bound, v_in(state), method=Block.mix)
+            return (dict(state, v_first=passed[0]) if first else state), cache
 
         def finish(state, h, block=block, layer=layer, i=i):
             x_new, _ = block.apply(layer, state["x"], h, method=Block.finish)
@@ -184,7 +196,7 @@ def _step(lm: LM, variables, token: jax.Array, caches: tuple, threshold: jax.Arr
         elif _cache_grows(spec.mixer):
             # A cache that grows with the context (attention's keys and values) would be copied in
             # and out of a lax.cond; its mixer runs unconditionally, only the rest is skipped.
-            h, cache = block.apply(layer, state["x"], cache, None, bound, method=Block.mix)
+            h, cache, *_ = block.apply(layer, state["x"], cache, None, bound, v_in(state), method=Block.mix)
             state = jax.lax.cond(jnp.all(state["exited"]), lambda state, h: state, finish, state, h)
         else:
             state, cache = jax.lax.cond(jnp.all(state["exited"]), propagate, run, state, cache)

@@ -51,6 +51,8 @@ EMBED_AXES = ("vocab", "embed")
 UNEMBED_AXES = ("embed", "vocab")
 # Name of the stacked axis of scanned parameters.
 LAYERS_AXIS = "layers"
+# The aux key under which a value-residual block hands on RWKV-7's ``v_first`` (popped by the LM).
+V_FIRST = "v_first"
 # The LM's parameter of HGRN-2's learned per-layer lower bounds, ``[n_layers, D]``.
 LOWER_BOUNDS_PARAM = "hgrn2_lower_bounds"
 # GPT-2's embedding initialisation scale.
@@ -60,6 +62,11 @@ EMBED_INIT_STD = 0.02
 # that report them.
 MOE_METRICS = ("moe_aux_loss", "moe_dropped_fraction")
 MOD_METRICS = ("mod_fraction",)
+
+
+def takes_value_residual(spec: LayerSpec) -> bool:
+    """Whether a layer is RWKV-7 taking part in the value residual across layers (``value_residual=True``)."""
+    return getattr(spec.mixer, "value_residual", False) is True
 
 
 def learns_lower_bound(spec: LayerSpec) -> bool:
@@ -131,18 +138,25 @@ class Block(nn.Module):
         if self.spec.mod:
             self.router = MoDRouter(param_dtype=cfg.param_dtype)
 
-    def residual(self, x, cache, segment_ids, lower_bound=None):
-        """The block itself: ``x [B,T,D] -> (x [B,T,D], cache, aux)``."""
-        h, cache = self.mix(x, cache, segment_ids, lower_bound)
-        x, aux = self.finish(x, h)
-        return x, cache, aux
+    def residual(self, x, cache, segment_ids, lower_bound=None, v_first=None):
+        """The block itself: ``x [B,T,D] -> (x [B,T,D], cache, aux)``.
 
-    def mix(self, x, cache, segment_ids=None, lower_bound=None):
-        """The mixer's half: ``x [B,T,D] -> (mixer output h [B,T,D], cache)``.
+        A value-residual layer (RWKV-7) puts the ``v_first`` it hands on in ``aux["v_first"]``.
+        """
+        h, cache, *passed = self.mix(x, cache, segment_ids, lower_bound, v_first)
+        x, aux = self.finish(x, h)
+        return x, cache, ({**aux, V_FIRST: passed[0]} if passed else aux)
+
+    def mix(self, x, cache, segment_ids=None, lower_bound=None, v_first=None):
+        """The mixer's half: ``x [B,T,D] -> (mixer output h [B,T,D], cache)`` (``, v_first`` for RWKV-7's
+        value residual).
 
         ``lower_bound``: this layer's learned HGRN-2 bound ``[D]`` (:func:`layer_lower_bounds`), else None.
+        ``v_first``: the values the stack's first RWKV-7 layer handed on (None in that layer itself).
         """
         extra = {} if lower_bound is None else {"lower_bound": lower_bound}
+        if takes_value_residual(self.spec):
+            extra["value_residual"] = (v_first,)
         return self.mixer(self.mixer_norm(x), cache, segment_ids=segment_ids, **extra)
 
     def finish(self, x, h):
@@ -156,17 +170,17 @@ class Block(nn.Module):
             x = x + y.astype(x.dtype)
         return x, aux
 
-    def propagate(self, x, cache, lower_bound=None):
+    def propagate(self, x, cache, lower_bound=None, v_first=None):
         """Only the mixer's state update from ``x [B,T,D]`` (its output unused): the cache after ``x``.
 
         Early exit runs this in the layers a token skips (effarch.models.early_exit).
         """
-        return self.mix(x, cache, None, lower_bound)[1]
+        return self.mix(x, cache, None, lower_bound, v_first)[1]
 
-    def __call__(self, x, cache=None, segment_ids=None, lower_bound=None):
+    def __call__(self, x, cache=None, segment_ids=None, lower_bound=None, v_first=None):
         """``x [B,T,D] -> (x [B,T,D], cache, aux dict of scalars)``."""
         if not self.spec.mod:
-            return self.residual(x, cache, segment_ids, lower_bound)
+            return self.residual(x, cache, segment_ids, lower_bound, v_first)
         if cache is not None:
             raise ValueError(
                 f"LM: layer {self.name} is a Mixture-of-Depths layer (mod_capacity="
@@ -294,12 +308,15 @@ class LM(nn.Module):
             total = jax.tree.map(lambda s: jnp.sum(s, axis=0), summed)
         else:
             block = _block_class(cfg)
-            new_caches, total = [], {}
+            new_caches, total, v_first = [], {}, None
             for i, spec in enumerate(cfg.layer_specs):
                 bound = bounds[i] if learns_lower_bound(spec) else None
                 y, layer_cache, aux = block(cfg, spec, name=f"layer_{i}")(
-                    x, None if cache is None else cache[i], segment_ids, bound
+                    x, None if cache is None else cache[i], segment_ids, bound, v_first
                 )
+                if V_FIRST in aux:
+                    aux = dict(aux)
+                    v_first = aux.pop(V_FIRST)
                 x = y if last_layer is None else jnp.where((i > last_layer)[..., None], x, y)
                 if i in cfg.early_exit:
                     exit_states.append(x)

@@ -137,3 +137,51 @@ def test_rwkv7_wkv_matches_the_reference_kernel_loop():
 def test_bad_head_size_is_rejected_with_the_values(name):
     with pytest.raises(ValueError, match="head_size=7 must be positive and divide d_model=32"):
         mixers.build(name, d_model=32, head_size=7)
+
+
+def _rwkv7(**options):
+    return mixers.build("rwkv7", d_model=16, preset="tiny", **options)
+
+
+def test_rwkv7_value_residual_mixes_the_first_layers_values():
+    """With v0 = 0 (and the zero-initialised LoRA) the mix is 1/2: v = (v + v_first) / 2, i.e. a plain
+    layer whose value projection is the average of the two layers' value projections."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 16))
+    first, later, plain = _rwkv7(value_residual=True), _rwkv7(value_residual=True), _rwkv7()
+    p_plain = plain.init(jax.random.PRNGKey(1), x)
+    w_first = jax.random.normal(jax.random.PRNGKey(2), (16, 16)) * 0.3
+    p_first = jax.tree.map(lambda a: a, p_plain)
+    p_first["params"]["value"]["kernel"] = w_first
+    y_first, _, v_first = first.apply(p_first, x, value_residual=(None,))
+    np.testing.assert_allclose(y_first, plain.apply(p_first, x)[0], rtol=1e-6, atol=1e-6)
+    p_later = later.init(jax.random.PRNGKey(1), x, value_residual=(v_first,))
+    for name in p_plain["params"]:
+        p_later["params"][name] = p_plain["params"][name]
+    p_later["params"]["v0"] = jnp.zeros((16,))
+    y_later, _, passed = later.apply(p_later, x, value_residual=(v_first,))
+    averaged = jax.tree.map(lambda a: a, p_plain)
+    averaged["params"]["value"]["kernel"] = (p_plain["params"]["value"]["kernel"] + w_first) / 2
+    assert_relative_close(y_later, plain.apply(averaged, x)[0], name="lerp(v, v_first, 1/2)")
+    np.testing.assert_array_equal(passed, v_first)
+
+
+def test_rwkv7_value_residual_is_checked():
+    x = jnp.zeros((1, 4, 16))
+    with pytest.raises(ValueError, match="value_residual=True in the config and value_residual=None"):
+        _rwkv7(value_residual=True).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="value_residual=False in the config and value_residual=given"):
+        _rwkv7().init(jax.random.PRNGKey(0), x, value_residual=(None,))
+
+
+def test_rwkv7_initialisation_follows_the_reference():
+    """Spot values of the current RWKV-7 init (layer 0 of 4, head size 8, 16 channels)."""
+    mixer = _rwkv7(layer_ratio=0.0, num_layers=4)
+    params = mixer.init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 16)))["params"]
+    # channel 0: zigzag = -1, so w0 = -6 + 0 + 0.5 - 2.5 and a0 = -0.19 - 0.3 - 0.2; the last channel of
+    # head 0 (n = 7): zigzag = +1, n / 15 = 7 / 15.
+    np.testing.assert_allclose(params["w0"][0], -8.0, rtol=1e-6)
+    np.testing.assert_allclose(params["a0"][0], -0.69, rtol=1e-6)
+    np.testing.assert_allclose(params["w0"][7], -6 + 6 * (7 / 15) + 0.5 + 2.5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(params["k_k"])[[0, 15]], [0.76, 0.66], rtol=1e-6)
+    np.testing.assert_allclose(params["k_a"], 1.02, rtol=1e-6)
+    np.testing.assert_allclose(params["ln_x"]["scale"], (1 / 4) ** 0.7, rtol=1e-6)

@@ -351,3 +351,31 @@ def test_hgrn2_learned_lower_bounds_follow_the_hgrn2_model():
     stacked = stack_layer_params(variables, scanned)
     out, _, _ = LM(scanned).apply(stacked, tokens)
     chex.assert_trees_all_close(out, full, rtol=1e-5, atol=1e-5)
+
+
+def test_rwkv7_value_residual_across_the_stack():
+    cfg = LMConfig.preset("tiny", n_layers=4, pattern="AVDV")
+    specs = cfg.layer_specs
+    assert [getattr(s.mixer, "value_residual", None) for s in specs] == [None, True, None, True]
+    assert (specs[1].mixer.layer_ratio, specs[3].mixer.layer_ratio, specs[1].mixer.num_layers) == (1 / 3, 1.0, 4)
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
+    lm = LM(cfg)
+    variables = lm.init(jax.random.key(1), tokens)
+    assert "v0" not in variables["params"]["layer_1"]["mixer"] and "v0" in variables["params"]["layer_3"]["mixer"]
+    full, _, _ = lm.apply(variables, tokens)
+    cache = lm.init_cache(2, 12)
+    steps = []
+    for t in range(12):
+        out, _, cache = lm.apply(variables, tokens[:, t:t + 1], cache=cache)
+        steps.append(out)
+    chex.assert_trees_all_close(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
+    # Layer 3 reads layer 1's values: changing layer 1's value projection changes layer 3's input beyond
+    # what the residual stream carries, so a model without the residual differs.
+    plain = LMConfig.preset("tiny", n_layers=4, pattern="AVDV", mixers={"V": ("rwkv7", {"value_residual": False})})
+    plain_params = {k: v for k, v in nn.unbox(variables)["params"].items()}
+    plain_params["layer_3"] = {**plain_params["layer_3"], "mixer": {
+        k: v for k, v in plain_params["layer_3"]["mixer"].items() if not k.startswith(("v0", "value_lora"))}}
+    other, _, _ = LM(plain).apply({"params": plain_params}, tokens)
+    assert not np.allclose(other, full, atol=1e-4)
+    with pytest.raises(ValueError, match=r"layers \[1, 3\] are RWKV-7 with value_residual=True.*scan_layers=False"):
+        LMConfig.preset("tiny", n_layers=4, pattern="AVDV", scan_layers=True)

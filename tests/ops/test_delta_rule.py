@@ -337,3 +337,24 @@ def test_generalized_rejects_bad_inputs():
         ops.generalized_delta_rule(**{**x, "b": jnp.zeros((2, 8, 2, 5))})
     with pytest.raises(ValueError, match="'auto', 'recurrent', 'chunked'"):
         ops.generalized_delta_rule(**x, implementation="fast")
+
+
+@pytest.mark.parametrize("chunk_size", [48, 64], ids=lambda c: f"C{c}")
+def test_generalized_sub_chunked_pairs_with_segments_match_recurrent(chunk_size):
+    """Chunks longer than a sub-chunk (16 steps) factor the decay across sub-chunks; with packed segments
+    crossing sub-chunk and chunk boundaries the result is still the recurrence's."""
+    inputs = generalized_inputs(5, 2, 100, 2, 8, 6, STRONG)
+    ids = np.zeros((2, 100), np.int32)
+    ids[0, 20:] = 1
+    ids[0, 70:] = 2
+    ids[1, 33:] = 1
+    inputs = {**inputs, "segment_ids": jnp.asarray(ids)}
+    (o, state), grads = value_and_grads(
+        inputs, ops.generalized_delta_rule, (("implementation", "chunked"), ("chunk_size", chunk_size))
+    )
+    (o_ref, state_ref), grads_ref = value_and_grads(
+        inputs, ops.generalized_delta_rule, (("implementation", "recurrent"),)
+    )
+    assert_relative_close((o, state), (o_ref, state_ref), name="o, final_state")
+    assert_relative_close({k: v for k, v in grads.items() if k != "segment_ids"},
+                          {k: v for k, v in grads_ref.items() if k != "segment_ids"}, name="grad")
