@@ -140,6 +140,8 @@ class HeadNorm(nn.Module):
       eps: added to the variance.
       use_scale: learn a per-(head, channel) scale.
       scale_init: the scale's initial value (1; RWKV-7 sets it by depth).
+      use_bias: add a learned per-(head, channel) bias after the scale
+        (initialised to 0), as RWKV's GroupNorm does.
       dtype: output dtype.
       param_dtype: dtype of the scale.
     """
@@ -148,6 +150,7 @@ class HeadNorm(nn.Module):
     eps: float = DEFAULT_EPS
     use_scale: bool = True
     scale_init: float = 1.0
+    use_bias: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -162,4 +165,6 @@ class HeadNorm(nn.Module):
         if self.use_scale:
             init = nn.initializers.constant(self.scale_init)
             y = y * self.param("scale", init, x.shape[-2:], self.param_dtype).astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, x.shape[-2:], self.param_dtype).astype(jnp.float32)
         return y.astype(self.dtype)

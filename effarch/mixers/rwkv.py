@@ -307,7 +307,7 @@ class _RWKVTimeMix(Mixer):
     def _group_norm(self, o, scale: float = 1.0):
         cfg = self.config
         return HeadNorm(kind="layer", eps=GROUP_NORM_EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                        scale_init=scale, name="ln_x")(o)
+                        scale_init=scale, use_bias=True, name="ln_x")(o)  # RWKV's GroupNorm has a bias
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> RWKVCache:
         """An empty cache; its size does not depend on ``max_len``."""
