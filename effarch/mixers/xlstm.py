@@ -323,3 +323,106 @@ def _linspace_init(low: float, high: float):
         return jnp.linspace(low, high, shape[0], dtype=dtype)
 
     return init
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLSTM7BConfig(MixerConfig):
+    """The xLSTM-7B mLSTM layer's options (defaults: transformers' ``xLSTMConfig``).
+
+    Attributes:
+      num_heads: heads H.
+      qk_dim_factor: query/key width relative to ``d_model`` (0.5), split over the heads.
+      v_dim_factor: value width relative to ``d_model`` (1.0), split over the heads.
+      gate_soft_cap: the input and forget gate pre-activations are soft-capped
+        to ``c * tanh(x / c)`` (15).
+      norm_eps: epsilon of the per-head LayerNorm (1e-6).
+      normalizer_eps: added to the cell's denominator (1e-6).
+      use_bias: biases on the q, k, v, output-gate and output projections and the norm.
+      chunk_size: chunk length of the chunked ``linear_attention``.
+    """
+
+    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = LINEAR_ATTENTION_IMPLEMENTATIONS
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": {"num_heads": 2, "chunk_size": 8},
+        # xLSTM-7B (Beck et al. 2025): d_model 4096, 8 heads.
+        "paper": {"num_heads": 8},
+    }
+
+    num_heads: int = 8
+    qk_dim_factor: float = 0.5
+    v_dim_factor: float = 1.0
+    gate_soft_cap: float | None = 15.0
+    norm_eps: float = 1e-6
+    normalizer_eps: float = 1e-6
+    use_bias: bool = False
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("qk_dim", "v_dim"):
+            width = getattr(self, name)
+            if self.num_heads < 1 or width < self.num_heads or width % self.num_heads:
+                raise ValueError(
+                    f"mlstm7b: num_heads={self.num_heads} must be positive and divide the {name} {width} "
+                    f"(d_model={self.d_model} * {name}_factor)."
+                )
+        if self.gate_soft_cap is not None and self.gate_soft_cap <= 0:
+            raise ValueError(f"mlstm7b: gate_soft_cap={self.gate_soft_cap}; expected None or > 0.")
+        if self.norm_eps <= 0 or self.normalizer_eps < 0 or self.chunk_size < 1:
+            raise ValueError(f"mlstm7b: norm_eps={self.norm_eps}, normalizer_eps={self.normalizer_eps}, "
+                             f"chunk_size={self.chunk_size}; expected > 0, >= 0 and >= 1.")
+
+    @property
+    def qk_dim(self) -> int:
+        return int(self.d_model * self.qk_dim_factor)
+
+    @property
+    def v_dim(self) -> int:
+        return int(self.d_model * self.v_dim_factor)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (None: ``x``)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+@register("mlstm7b", MLSTM7BConfig)
+class MLSTM7B(Mixer):
+    """The xLSTM-7B mLSTM layer (transformers' ``xLSTM``): ``x [B,T,D] -> y [B,T,D]``.
+
+    Unlike the paper's block (``mlstm``) there is no up-projection, convolution
+    or skip: q, k, v, the output gate and the soft-capped input and forget gates
+    come straight from the input, then the same max-stabilised cell
+    (:func:`mlstm_cell`), a per-head LayerNorm, ``sigmoid(o) *`` and the output
+    projection. The cache is the cell state ``(C̃, ñ, m)``.
+    """
+
+    config: MLSTM7BConfig
+
+    @nn.compact
+    def __call__(self, x, cache: MLSTMState | None = None, *, segment_ids=None):
+        cfg = self.config
+        check_decode_inputs("mlstm7b", x, cache, segment_ids, cfg.d_model)
+        heads = cfg.num_heads
+        x = x.astype(cfg.dtype)
+        q = self.proj(cfg.qk_dim, "q", use_bias=cfg.use_bias)(x)
+        k = self.proj(cfg.qk_dim, "k", use_bias=cfg.use_bias)(x)
+        v = self.proj(cfg.v_dim, "v", use_bias=cfg.use_bias)(x)
+        o_pre = self.proj(cfg.v_dim, "ogate", use_bias=cfg.use_bias)(x)
+        i_pre = soft_cap(self.proj(heads, "igate", use_bias=True)(x).astype(jnp.float32), cfg.gate_soft_cap)
+        f_pre = soft_cap(self.proj(heads, "fgate", use_bias=True)(x).astype(jnp.float32), cfg.gate_soft_cap)
+        hidden, cell = mlstm_cell(
+            split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), i_pre, f_pre,
+            state=cache, segment_ids=segment_ids, eps=cfg.normalizer_eps, chunk_size=cfg.chunk_size,
+            implementation=cfg.implementation,
+        )
+        hidden = HeadNorm(kind="layer", eps=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, name="norm")(hidden)
+        y = self.proj(cfg.d_model, "out_proj", use_bias=cfg.use_bias)(
+            jax.nn.sigmoid(o_pre) * merge_heads(hidden).astype(cfg.dtype))
+        return y, (None if cache is None else cell)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> MLSTMState:
+        """An empty cell state; its size does not depend on ``max_len``."""
+        cfg = self.config
+        return empty_state(batch_size, cfg.num_heads, cfg.qk_dim // cfg.num_heads, cfg.v_dim // cfg.num_heads)
