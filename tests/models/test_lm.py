@@ -318,6 +318,16 @@ def test_layer_mlp_sets_one_layers_mlp_kind():
         LMConfig.preset("tiny", layer_mlp={5: "none"})
 
 
+def _decoded_token_by_token(lm, variables, tokens):
+    """Logits ``[B,T,V]`` of feeding ``tokens`` one at a time through the decode caches."""
+    cache = lm.init_cache(tokens.shape[0], tokens.shape[1])
+    steps = []
+    for t in range(tokens.shape[1]):
+        out, _, cache = lm.apply(variables, tokens[:, t:t + 1], cache=cache)
+        steps.append(out)
+    return jnp.concatenate(steps, 1)
+
+
 def test_hgrn2_learned_lower_bounds_follow_the_hgrn2_model():
     """Zero logits: a uniform softmax over L layers, so layer i's bound is i / L (HGRN-2's cumsum minus layer 0)."""
     cfg = LMConfig.preset("tiny", n_layers=4, pattern="HHAH")
@@ -341,12 +351,7 @@ def test_hgrn2_learned_lower_bounds_follow_the_hgrn2_model():
     for i in (0, 1, 3):
         np.testing.assert_allclose(bounds[i], np.cumsum(shares, 0)[i] - shares[0], rtol=1e-5, atol=1e-7)
     full, _, _ = lm.apply(variables, tokens)
-    cache = lm.init_cache(2, 12)
-    steps = []
-    for t in range(12):
-        out, _, cache = lm.apply(variables, tokens[:, t:t + 1], cache=cache)
-        steps.append(out)
-    chex.assert_trees_all_close(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(_decoded_token_by_token(lm, variables, tokens), full, rtol=1e-4, atol=1e-4)
     scanned = LMConfig.preset("tiny", n_layers=4, pattern="HHAH", scan_layers=True)
     stacked = stack_layer_params(variables, scanned)
     out, _, _ = LM(scanned).apply(stacked, tokens)
@@ -363,12 +368,7 @@ def test_rwkv7_value_residual_across_the_stack():
     variables = lm.init(jax.random.key(1), tokens)
     assert "v0" not in variables["params"]["layer_1"]["mixer"] and "v0" in variables["params"]["layer_3"]["mixer"]
     full, _, _ = lm.apply(variables, tokens)
-    cache = lm.init_cache(2, 12)
-    steps = []
-    for t in range(12):
-        out, _, cache = lm.apply(variables, tokens[:, t:t + 1], cache=cache)
-        steps.append(out)
-    chex.assert_trees_all_close(jnp.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(_decoded_token_by_token(lm, variables, tokens), full, rtol=1e-4, atol=1e-4)
     # Layer 3 reads layer 1's values: changing layer 1's value projection changes layer 3's input beyond
     # what the residual stream carries, so a model without the residual differs.
     plain = LMConfig.preset("tiny", n_layers=4, pattern="AVDV", mixers={"V": ("rwkv7", {"value_residual": False})})
