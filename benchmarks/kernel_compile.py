@@ -119,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--triton-python", default=None,
                         help="a Python that can import triton (default: this one)")
     parser.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
-    parser.add_argument("--output", default="results/kernel_compile.json")
+    parser.add_argument("--out", default="results/kernel_compile.json", help="JSON report path")
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown")
     args = parser.parse_args(argv)
 
@@ -143,7 +143,7 @@ def main(argv=None):
     harness.print_table(rows, COLUMNS)
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows) - len(failed)} compiled, {len(failed)} failed")
-    harness.save_json(args.output, rows, capabilities=capabilities,
+    harness.save_json(args.out, rows, capabilities=capabilities,
                       tpu_topologies=list(topologies), compilers=_compiler_versions())
     if args.markdown:
         write_markdown(args.markdown, rows)

@@ -17,10 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from effarch.op_contract import MASKED_LOG
-# Kept importable from here for effarch.mixers (rglru, rwkv, xlstm) and
-# effarch.layers.conv, which import them from this module; new code imports
-# them from effarch.op_contract.
-from effarch.op_contract import check_segment_ids, reset_index, segment_starts  # noqa: F401
 
 _log = logging.getLogger("effarch.ops")
 
