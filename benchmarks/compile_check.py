@@ -6,7 +6,7 @@ real kernels, forward and backward, ahead of time:
 
 - ``lower(case, "cuda" | "tpu")``: the Pallas lowering (Triton or Mosaic) with
   ``Traced.lower(lowering_platforms=...)``. It needs nothing beyond jax and is
-  what ``tests/kernels/test_lowering.py`` runs on every CPU.
+  what ``tests/pallas_kernels/test_lowering.py`` runs on every CPU.
 - ``triton_kernels(lowered)`` + ``compile_triton(...)``: the Triton modules the
   GPU kernels emit, compiled to PTX and a cubin by the ``triton`` package, with
   ``ptxas -v``'s registers, spills and shared memory per kernel (``pip install

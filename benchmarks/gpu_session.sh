@@ -29,7 +29,7 @@ python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/de
 # 1. Compile and run the kernels for real: every gpu-marked test (kernels
 #    against the float32 recurrence, compiled), and the lowering tests.
 timeout 200 python3 -m pytest -q -m "gpu" tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log"
-timeout 40 python3 -m pytest -q tests/kernels/test_lowering.py -p no:cacheprovider 2>&1 \
+timeout 40 python3 -m pytest -q tests/pallas_kernels/test_lowering.py -p no:cacheprovider 2>&1 \
   | tail -3 | tee -a "$OUT/pytest_gpu.log"
 
 # 2. Time the chunked kernels against XLA, cuDNN attention and fla; then the scans.

@@ -48,6 +48,45 @@ def assert_relative_close(out, ref, dtype=jnp.float32, name: str = "output") -> 
             raise AssertionError(f"{where}: relative RMS error {err:.3e} > {tol:.1e}")
 
 
+def outputs_and_grads(fn, inputs: dict, seed: int = 1):
+    """``fn(inputs)``'s outputs and the gradient of a random projection of all of them wrt every input.
+
+    Args:
+      fn: ``dict of arrays -> tuple of arrays``.
+      inputs: the arrays (every one is differentiated).
+      seed: seeds the projection weights, the same for two functions of equal output shapes.
+    """
+    out_shapes = jax.eval_shape(fn, inputs)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(out_shapes))
+    weights = [jax.random.normal(k, s.shape) for k, s in zip(keys, out_shapes)]
+
+    def loss(inputs):
+        outputs = fn(inputs)
+        value = sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in zip(outputs, weights))
+        return value, outputs
+
+    (_, outputs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(inputs)
+    return outputs, grads
+
+
+def assert_matches_reference(fn, reference, inputs: dict, dtype, names=("output", "final_state")):
+    """Asserts that ``fn`` and ``reference`` agree in every output and every input gradient.
+
+    Returns:
+      ``fn``'s outputs, for checks of their dtypes.
+    """
+    outputs, grads = outputs_and_grads(fn, inputs)
+    expected, grads_ref = outputs_and_grads(reference, inputs)
+    for name, out, ref in zip(names, outputs, expected):
+        if tuple(out.shape) != tuple(ref.shape):
+            raise AssertionError(f"{name}: shape {tuple(out.shape)}; the reference's is {tuple(ref.shape)}")
+        assert_relative_close(out, ref, dtype, name)
+    if set(grads) != set(inputs):
+        raise AssertionError(f"gradients for {sorted(grads)}; expected every input {sorted(inputs)}")
+    assert_relative_close(grads, grads_ref, dtype, "grad")
+    return outputs
+
+
 def descent_losses(model, params, tokens, *, steps: int = 6, learning_rate: float = 0.5):
     """Next-token losses of plain gradient descent on one repeated batch.
 

@@ -30,13 +30,13 @@ HEAVY = {
     "models/test_lm.py::test_mod_model_routes_and_refuses_cache",
     "models/test_lm.py::test_remat_and_untied_embeddings",
     "models/test_lm.py::test_cache_decode_matches_full_forward[MA]",
-    "models/test_moe.py::test_matches_dense_reference_with_ample_capacity[E5k3]",
-    "models/test_moe.py::test_moe_language_model_reports_aux_and_has_router_gradients",
+    "layers/test_moe.py::test_matches_dense_reference_with_ample_capacity[E5k3]",
+    "layers/test_moe.py::test_moe_language_model_reports_aux_and_has_router_gradients",
     # Kernels in interpret mode: lighter cases of each decay form stay.
-    "kernels/test_chunked_linear_attention.py::test_matches_recurrence[gpu-scalar-bfloat16-T63-K60V60-strong-seg]",
-    "kernels/test_chunked_linear_attention.py::test_matches_recurrence[tpu-scalar-float32-T63-K16V16-mixed-seg-init]",
-    "kernels/test_chunked_linear_attention.py::test_matches_recurrence[gpu-channel-float32-T200-K16V16-mixed-init]",
-    "kernels/test_chunked_linear_attention.py::test_matches_recurrence[gpu-none-bfloat16-T63-K64V64-mixed-init]",
+    "pallas_kernels/chunked_linear_attention/test_chunked_linear_attention_kernel.py::test_matches_recurrence[gpu-scalar-bfloat16-T63-K60V60-strong-seg]",
+    "pallas_kernels/chunked_linear_attention/test_chunked_linear_attention_kernel.py::test_matches_recurrence[tpu-scalar-float32-T63-K16V16-mixed-seg-init]",
+    "pallas_kernels/chunked_linear_attention/test_chunked_linear_attention_kernel.py::test_matches_recurrence[gpu-channel-float32-T200-K16V16-mixed-init]",
+    "pallas_kernels/chunked_linear_attention/test_chunked_linear_attention_kernel.py::test_matches_recurrence[gpu-none-bfloat16-T63-K64V64-mixed-init]",
 }
 # bfloat16 at T=256 through every mixer is the slow tier; these families keep it by default.
 BF16_DEFAULT = {"attention", "mamba2", "gla", "mamba"}

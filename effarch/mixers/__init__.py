@@ -13,6 +13,7 @@ from effarch.mixers.base import (  # noqa: F401
     config_class,
     from_config,
     make_config,
+    preset_options,
     names,
     register,
 )

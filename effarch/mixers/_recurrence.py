@@ -15,10 +15,10 @@ import jax.numpy as jnp
 
 from effarch import ops
 from effarch.layers.conv import ShortConv, init_conv_state
-from effarch.ops.linear_attention import SUPPORTED as _LINEAR_ATTENTION_SUPPORTED
+from effarch.ops.linear_attention import IMPLEMENTATIONS as _LINEAR_ATTENTION_IMPLEMENTATIONS
 
 # Every concrete implementation of ops.linear_attention (what "auto" resolves between).
-LINEAR_ATTENTION_IMPLEMENTATIONS = tuple(i for i in _LINEAR_ATTENTION_SUPPORTED if i != "auto")
+LINEAR_ATTENTION_IMPLEMENTATIONS = tuple(i for i in _LINEAR_ATTENTION_IMPLEMENTATIONS if i != "auto")
 
 
 class RecurrentCache(NamedTuple):

@@ -144,7 +144,7 @@ class Attention(Mixer):
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("attention", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         h, hkv, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         x = x.astype(cfg.dtype)
         t = x.shape[1]

@@ -122,6 +122,16 @@ def config_class(name: str) -> type[MixerConfig]:
     return _REGISTRY[name][0]
 
 
+def preset_options(name: str, preset: str | None) -> dict[str, Any]:
+    """The options of mixer ``name``'s named ``preset`` (``PRESETS``); ``{}`` for None."""
+    if preset is None:
+        return {}
+    presets = config_class(name).PRESETS
+    if preset not in presets:
+        raise ValueError(f"mixer {name!r} has no preset {preset!r}; valid: {', '.join(sorted(presets))}.")
+    return dict(presets[preset])
+
+
 def make_config(name: str, d_model: int, **options) -> MixerConfig:
     """Builds and validates the config of mixer ``name``; unknown options list the valid ones."""
     cls = config_class(name)
@@ -144,12 +154,7 @@ def build(name: str, d_model: int, *, preset: str | None = None, **options) -> M
         ``options`` override it.
       **options: fields of the mixer's config dataclass.
     """
-    if preset is not None:
-        presets = config_class(name).PRESETS
-        if preset not in presets:
-            raise ValueError(f"mixer {name!r} has no preset {preset!r}; valid: {', '.join(sorted(presets))}.")
-        options = {**presets[preset], **options}
-    config = make_config(name, d_model, **options)
+    config = make_config(name, d_model, **{**preset_options(name, preset), **options})
     return _REGISTRY[name][1](config=config)
 
 

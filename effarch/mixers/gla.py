@@ -93,7 +93,7 @@ class GLA(Mixer):
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("gla", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         h = cfg.num_heads
         x = x.astype(cfg.dtype)
         streams = {"q": self.proj(cfg.key_dim, "q_proj")(x), "k": self.proj(cfg.key_dim, "k_proj")(x),

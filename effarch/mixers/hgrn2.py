@@ -126,7 +126,7 @@ class HGRN2(Mixer):
     def __call__(self, x, cache=None, *, segment_ids=None, lower_bound=None):
         """As every mixer; ``lower_bound``: the ``[D]`` bound when ``config.lower_bound == "learned"``."""
         cfg = self.config
-        check_decode_inputs("hgrn2", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         if (cfg.lower_bound == LEARNED) != (lower_bound is not None):
             raise ValueError(
                 f"hgrn2: lower_bound={cfg.lower_bound!r} in the config and lower_bound="

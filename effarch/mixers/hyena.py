@@ -160,7 +160,7 @@ class Hyena(Mixer):
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("hyena", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         b, t, d = x.shape
         if cache is None and t > cfg.max_len:
             raise ValueError(f"hyena: x has T={t} steps, more than config.max_len={cfg.max_len}.")

@@ -167,7 +167,7 @@ class LinearAttention(Mixer):
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("linear_attention", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         h = cfg.num_heads
         x = x.astype(cfg.dtype)
         streams = {"q": self.proj(h * cfg.qk_dim, "q_proj")(x), "k": self.proj(h * cfg.qk_dim, "k_proj")(x),

@@ -33,7 +33,7 @@ from effarch import ops
 from effarch.layers.conv import ShortConv, init_conv_state
 from effarch.layers.norms import RMSNorm
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
-from effarch.ops.selective_scan import SUPPORTED as _SELECTIVE_SCAN_SUPPORTED
+from effarch.ops.selective_scan import IMPLEMENTATIONS as _SELECTIVE_SCAN_IMPLEMENTATIONS
 
 
 def dt_bias_init(dt_min: float, dt_max: float, dt_floor: float):
@@ -75,7 +75,7 @@ class MambaConfig(MixerConfig):
       dt_bc_norm_eps: epsilon of those three norms.
     """
 
-    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = tuple(i for i in _SELECTIVE_SCAN_SUPPORTED if i != "auto")
+    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = tuple(i for i in _SELECTIVE_SCAN_IMPLEMENTATIONS if i != "auto")
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"d_state": 4, "expand": 2},
         "tiny_jamba": {"d_state": 4, "expand": 2, "dt_bc_norm": True},
@@ -157,7 +157,7 @@ class Mamba(Mixer):
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("mamba", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         di, n, r = cfg.d_inner, cfg.d_state, cfg.rank
         x = x.astype(cfg.dtype)
         xz = self.proj(2 * di, "in_proj")(x)

@@ -120,7 +120,7 @@ class Mamba2(Mixer):
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("mamba2", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         di, n, g, h, p = cfg.d_inner, cfg.d_state, cfg.ngroups, cfg.num_heads, cfg.head_dim
         x = x.astype(cfg.dtype)
         zxbcdt = self.proj(2 * di + 2 * g * n + h, "in_proj")(x)

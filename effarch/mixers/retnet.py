@@ -89,7 +89,7 @@ class RetNet(Mixer):
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("retnet", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         h = cfg.num_heads
         x = x.astype(cfg.dtype)
         t = x.shape[1]

@@ -38,7 +38,7 @@ from effarch import ops
 from effarch.layers.conv import ShortConv, init_conv_state
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
 from effarch.op_contract import segment_starts
-from effarch.ops.linear_scan import SUPPORTED as _LINEAR_SCAN_SUPPORTED
+from effarch.ops.linear_scan import IMPLEMENTATIONS as _LINEAR_SCAN_IMPLEMENTATIONS
 
 # The derivative of sqrt(1 - a^2) is unbounded as a -> 1; it is clipped here
 # (as in recurrentgemma's SqrtBoundDerivative).
@@ -64,7 +64,7 @@ class RGLRUConfig(MixerConfig):
         ``a^2`` uniform in ``[low^2, high^2]`` (recurrentgemma's ``rnn_param_init``).
     """
 
-    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = tuple(i for i in _LINEAR_SCAN_SUPPORTED if i != "auto")
+    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = tuple(i for i in _LINEAR_SCAN_IMPLEMENTATIONS if i != "auto")
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"conv_kernel": 4},
         "paper": {"num_heads": 10, "conv_kernel": 4},  # recurrentgemma-2b (d_model = lru_width = 2560)
@@ -191,7 +191,7 @@ class RGLRU(Mixer):
     @nn.compact
     def __call__(self, x, cache: RGLRUCache | None = None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("rglru", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         width = cfg.width
         x = x.astype(cfg.dtype)
         gate = jax.nn.gelu(self.proj(width, "gate_proj", use_bias=True)(x))

@@ -332,7 +332,7 @@ class RWKV6(_RWKVTimeMix):
     @nn.compact
     def __call__(self, x, cache: RWKVCache | None = None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("rwkv6", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         d, heads = cfg.d_model, cfg.num_heads
         r0, r1 = cfg.layer_ratio, 1.0 - cfg.layer_ratio
         depth = jnp.arange(d, dtype=jnp.float32) / d
@@ -392,7 +392,7 @@ class RWKV7(_RWKVTimeMix):
         """``x [B,T,D] -> (y, cache)``; with ``config.value_residual`` also ``value_residual``
         ``(v_first [B,T,D] | None,)`` in and ``(y, cache, v_first)`` out."""
         cfg = self.config
-        check_decode_inputs("rwkv7", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         if cfg.value_residual != (value_residual is not None):
             raise ValueError(
                 f"rwkv7: value_residual={cfg.value_residual} in the config and value_residual="

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from effarch import ops
 from effarch.layers.conv import fft_causal_conv
 from effarch.mixers.base import Mixer, MixerConfig, check_decode_inputs, register
-from effarch.ops.linear_scan import SUPPORTED as _LINEAR_SCAN_SUPPORTED
+from effarch.ops.linear_scan import IMPLEMENTATIONS as _LINEAR_SCAN_IMPLEMENTATIONS
 
 INITS = ("lin", "real")
 MODES = ("fft", "recurrent")
@@ -59,7 +59,7 @@ class S4DConfig(MixerConfig):
       dt_min, dt_max: range of the log-uniform initial step sizes.
     """
 
-    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = tuple(i for i in _LINEAR_SCAN_SUPPORTED if i != "auto")
+    IMPLEMENTATIONS: ClassVar[tuple[str, ...]] = tuple(i for i in _LINEAR_SCAN_IMPLEMENTATIONS if i != "auto")
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"d_state": 8, "mode": "fft"},
         "tiny_real": {"d_state": 8, "init": "real", "mode": "recurrent"},
@@ -191,7 +191,7 @@ class S4D(Mixer):
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("s4d", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         d, m = cfg.d_model, cfg.d_state // 2
         x = x.astype(cfg.dtype)
         log_dt = self.param("log_dt", _uniform(math.log(cfg.dt_min), math.log(cfg.dt_max)), (d,), cfg.param_dtype)

@@ -262,7 +262,7 @@ class MLSTM(Mixer):
     @nn.compact
     def __call__(self, x, cache: MLSTMCache | None = None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("mlstm", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         inner, heads = cfg.inner_dim, cfg.num_heads
         x = x.astype(cfg.dtype)
         up = self.proj(2 * inner, "up_proj")(x)
@@ -402,7 +402,7 @@ class MLSTM7B(Mixer):
     @nn.compact
     def __call__(self, x, cache: MLSTMState | None = None, *, segment_ids=None):
         cfg = self.config
-        check_decode_inputs("mlstm7b", x, cache, segment_ids, cfg.d_model)
+        check_decode_inputs(self.registry_name, x, cache, segment_ids, cfg.d_model)
         heads = cfg.num_heads
         x = x.astype(cfg.dtype)
         q = self.proj(cfg.qk_dim, "q", use_bias=cfg.use_bias)(x)

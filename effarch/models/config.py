@@ -392,14 +392,7 @@ class LMConfig:
             shared = dict(dtype=self.dtype, param_dtype=self.param_dtype,
                           implementation=self.implementation, projection=self.projection)
             try:
-                preset = {}
-                if self.mixer_preset is not None:
-                    presets = mixers_lib.config_class(name).PRESETS
-                    if self.mixer_preset not in presets:
-                        raise ValueError(
-                            f"mixer {name!r} has no preset {self.mixer_preset!r}; valid: {', '.join(sorted(presets))}."
-                        )
-                    preset = presets[self.mixer_preset]
+                preset = mixers_lib.preset_options(name, self.mixer_preset)
                 merged = {**shared, **preset, **options, **self.layer_options.get(i, {})}
                 if name in DEPTH_INITIALISED and "layer_ratio" not in merged:  # RWKV initialises by depth
                     merged["layer_ratio"] = i / max(self.n_layers - 1, 1)

@@ -42,8 +42,8 @@ from effarch.op_contract import (
 from effarch.ops._common import resolve_forms, run_forms, segsum
 from effarch.typing import Float, Keys, Queries, SegmentIds, State, Values, Array
 
-_DELTA_SUPPORTED = ("auto", "recurrent", "chunked")
-_GENERALIZED_SUPPORTED = ("auto", "recurrent", "chunked")
+DELTA_IMPLEMENTATIONS = ("auto", "recurrent", "chunked")
+GENERALIZED_IMPLEMENTATIONS = ("auto", "recurrent", "chunked")
 
 Beta = Float[Array, "B T H"]
 ScalarLogDecay = Float[Array, "B T H"]
@@ -158,7 +158,7 @@ def delta_rule(
             )
         check_dims(op, dims, log_decay=(log_decay, "BTH"))
     _check_common(op, q, segment_ids, chunk_size)
-    choice = resolve_forms(op, implementation, _DELTA_SUPPORTED)
+    choice = resolve_forms(op, implementation, DELTA_IMPLEMENTATIONS)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if log_decay is None:
         log_decay = jnp.zeros(beta.shape, jnp.float32)
@@ -240,7 +240,7 @@ def generalized_delta_rule(
         initial_state=(initial_state, "BHKV"),
     )
     _check_common(op, q, segment_ids, chunk_size)
-    choice = resolve_forms(op, implementation, _GENERALIZED_SUPPORTED)
+    choice = resolve_forms(op, implementation, GENERALIZED_IMPLEMENTATIONS)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     def form(name):  # a function of the arrays, scale and chunk_size bound

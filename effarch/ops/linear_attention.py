@@ -38,18 +38,18 @@ from effarch.op_contract import (
     segment_starts,
 )
 from effarch.ops import _common
-from effarch.typing import LogDecay, Queries, SegmentIds, State, Values
+from effarch.typing import Keys, LogDecay, Queries, SegmentIds, State, Values
 from pallas_kernels import chunked_linear_attention as kernel
 
 OP = "linear_attention"
-SUPPORTED = ("auto", "recurrent", "quadratic", "chunked", "pallas")
+IMPLEMENTATIONS = ("auto", "recurrent", "quadratic", "chunked", "pallas")
 # Sub-chunk length for per-key-channel decay inside a chunk (see _intra_per_channel).
 SUBCHUNK = 16
 
 
 def linear_attention(
     q: Queries,
-    k: Queries,
+    k: Keys,
     v: Values,
     log_decay: LogDecay | None = None,
     *,
@@ -88,7 +88,7 @@ def linear_attention(
     """
     log_decay = check_linear_attention_inputs(q, k, v, log_decay, initial_state, segment_ids,
                                               chunk_size)
-    choice = _common.resolve_forms(OP, implementation, SUPPORTED)
+    choice = _common.resolve_forms(OP, implementation, IMPLEMENTATIONS)
     if scale is None:
         scale = q.shape[-1] ** -0.5
 

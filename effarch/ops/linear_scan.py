@@ -22,12 +22,12 @@ from effarch.ops import _common
 from pallas_kernels import linear_scan as kernel
 
 OP = "linear_scan"
-SUPPORTED = ("auto", "recurrent", "chunked", "pallas")
+IMPLEMENTATIONS = ("auto", "recurrent", "chunked", "pallas")
 
 
 def resolve(implementation: str) -> _common.Choice:
     """Validates ``implementation``; ``"auto"`` becomes this platform's (forward, training) forms."""
-    return _common.resolve_forms(OP, implementation, SUPPORTED)
+    return _common.resolve_forms(OP, implementation, IMPLEMENTATIONS)
 
 
 def linear_scan(

@@ -36,13 +36,13 @@ from effarch.ops import _common
 from pallas_kernels import selective_scan as kernel
 
 OP = "selective_scan"
-SUPPORTED = ("auto", "recurrent", "chunked", "pallas")
+IMPLEMENTATIONS = ("auto", "recurrent", "chunked", "pallas")
 CHUNK_SIZE = 64
 
 
 def resolve(implementation: str) -> _common.Choice:
     """Validates ``implementation``; ``"auto"`` becomes this platform's (forward, training) forms."""
-    return _common.resolve_forms(OP, implementation, SUPPORTED)
+    return _common.resolve_forms(OP, implementation, IMPLEMENTATIONS)
 
 
 def selective_scan(

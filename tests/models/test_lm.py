@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effarch.layers.mod import mixture_of_depths, mixture_of_depths_reference, select_tokens
 from effarch.layers.mlp import GatedMLP, SwiGLU, swiglu_reference
 from effarch.models import LM, LMConfig, stack_layer_params, unstack_layer_params
 from effarch.models.lm import layer_lower_bounds
@@ -275,19 +274,6 @@ def test_residual_stream_dtype(residual_in_fp32):
     block_out = state["intermediates"]["layer_0"]["__call__"][0][0]
     assert block_out.dtype == (jnp.float32 if residual_in_fp32 else jnp.bfloat16)
     assert logits.dtype == jnp.float32
-
-
-def test_mixture_of_depths_matches_reference_for_per_token_block():
-    kx, ks, kw = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (B, T, 6))
-    scores = jax.random.normal(ks, (B, T))
-    w = jax.random.normal(kw, (6, 6))
-    block = lambda h: h + jnp.tanh(h @ w)  # noqa: E731  (per token)
-    out, _ = mixture_of_depths(lambda h, _: (block(h), None), x, scores, capacity=0.4)
-    assert_relative_close(out, mixture_of_depths_reference(block, x, scores, 0.4), name="mod")
-    idx = select_tokens(scores, 0.4)
-    chex.assert_shape(idx, (B, 5))  # ceil(0.4 * 11)
-    assert np.all(np.diff(np.asarray(idx), axis=1) > 0), "selected tokens keep time order"
 
 
 def test_mod_model_routes_and_refuses_cache():

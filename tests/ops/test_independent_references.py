@@ -10,7 +10,7 @@ numpy loop along a random direction per input (``<grad, u>`` against
 
 Small awkward shapes (T = 13, K = 5, V = 3, chunks of 4) keep this in the
 default tier. The Pallas forms are checked against their references in
-tests/kernels/.
+tests/pallas_kernels/.
 """
 
 from __future__ import annotations

@@ -252,7 +252,7 @@ def test_bad_inputs_raise(name):
 
 
 def test_cudnn_off_a_gpu_raises():
-    # "pallas" is implemented (pallas_kernels/attention, tests/kernels/test_attention_kernel.py).
+    # "pallas" is implemented (pallas_kernels/attention, tests/pallas_kernels/attention/test_attention_kernel.py).
     implementation = "cudnn"
     if jax.default_backend() == "gpu":
         pytest.skip("cudnn is available on this platform")
