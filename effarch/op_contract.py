@@ -246,17 +246,17 @@ def reset_index(segment_ids, batch: int, time: int) -> jax.Array:
 
 
 class ChunkSegments(NamedTuple):
-    """Segment flags of a sequence cut into ``N`` chunks of ``C`` steps.
+    """Segment flags of a sequence cut into ``M`` chunks of ``C`` steps.
 
     Attributes:
-      resets: ``[B,N,C]`` int32, segment starts since the chunk start, up to
+      resets: ``[B,M,C]`` int32, segment starts since the chunk start, up to
         and including each step. Steps t, s of one chunk see each other
         through the recurrence iff their ``resets`` agree.
-      sees_entry: ``[B,N,C]`` bool, the state entering the chunk reaches the
+      sees_entry: ``[B,M,C]`` bool, the state entering the chunk reaches the
         step (no segment start since the chunk start).
-      reaches_exit: ``[B,N,C]`` bool, the step reaches the state leaving the
+      reaches_exit: ``[B,M,C]`` bool, the step reaches the state leaving the
         chunk (no segment start after it in the chunk).
-      carries: ``[B,N]`` bool, the state entering the chunk reaches its end
+      carries: ``[B,M]`` bool, the state entering the chunk reaches its end
         (no segment start in the chunk).
     """
 
@@ -267,7 +267,7 @@ class ChunkSegments(NamedTuple):
 
     @property
     def same_segment(self) -> jax.Array:
-        """``[B,N,C,C]`` bool, rows t and columns s of one chunk share a segment."""
+        """``[B,M,C,C]`` bool, rows t and columns s of one chunk share a segment."""
         return self.resets[..., :, None] == self.resets[..., None, :]
 
 

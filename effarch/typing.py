@@ -3,7 +3,8 @@
     B  batch                    T  time (query positions)   S  time (key positions)
     H  heads                    K  key / feature dim         V  value dim
     D  model or channel dim     N  state dim (SSM)          G  groups (B/C sharing)
-    C  chunk length             L  number of layers          E  experts
+    C  chunk length             M  number of chunks (T / C)  L  number of layers
+    E  experts
 
 Every public function states its shapes with these letters, e.g. ``q [B,T,H,K]``,
 and einsum strings use the same letters in lower case (``"bthk,bshk->bhts"``).

@@ -346,7 +346,7 @@ def _to_chunks(arrays, segment_ids, chunk: int) -> tuple[tuple[jax.Array, ...], 
       segment_ids: ``[B,T]`` or None.
       chunk: C.
     Returns:
-      The arrays as float32 ``[B,N,H,C,...]``, and the chunks' segment flags.
+      The arrays as float32 ``[B,M,H,C,...]``, and the chunks' segment flags.
     """
     batch, time = arrays[0].shape[:2]
     n_chunks = -(-time // chunk)
@@ -359,7 +359,7 @@ def _to_chunks(arrays, segment_ids, chunk: int) -> tuple[tuple[jax.Array, ...], 
 
 
 def _from_chunks(o, time: int, out_dtype):
-    """``[B,N,H,C,V]`` -> ``[B,T,H,V]`` in ``out_dtype``, padding dropped."""
+    """``[B,M,H,C,V]`` -> ``[B,T,H,V]`` in ``out_dtype``, padding dropped."""
     batch, n_chunks, heads, chunk, value_dim = o.shape
     o = jnp.swapaxes(o, 2, 3).reshape(batch, n_chunks * chunk, heads, value_dim)
     return o[:, :time].astype(out_dtype)
@@ -392,31 +392,31 @@ def _delta_rule_chunked(
     f32 = jnp.float32
     (q, k, v, beta, log_decay), segments = _to_chunks(
         (q, k, v, beta, log_decay), segment_ids, chunk
-    )  # [B,N,H,C,K], [B,N,H,C,K], [B,N,H,C,V], [B,N,H,C], [B,N,H,C]
-    same_segment = segments.same_segment[:, :, None]  # [B,N,1,C,C]
-    sees_entry = segments.sees_entry[:, :, None]  # [B,N,1,C]: no reset since chunk start
+    )  # [B,M,H,C,K], [B,M,H,C,K], [B,M,H,C,V], [B,M,H,C], [B,M,H,C]
+    same_segment = segments.same_segment[:, :, None]  # [B,M,1,C,C]
+    sees_entry = segments.sees_entry[:, :, None]  # [B,M,1,C]: no reset since chunk start
 
     # Pair decays as sums of the log decays between the two steps, not as
     # differences G_i - G_j of one cumsum: the differences' gradients reach
     # ld_r through cancelling O(1) terms and lose the tiny true gradient of
     # strongly gated steps in rounding error.
-    pair_log = jnp.where(same_segment, segsum(log_decay), MASKED_LOG)  # [B,N,H,C,C]
+    pair_log = jnp.where(same_segment, segsum(log_decay), MASKED_LOG)  # [B,M,H,C,C]
     pair_decay = jnp.exp(pair_log)  # L: exp(G_i - G_j), 0 unless j <= i, same segment
-    cum_log = jnp.cumsum(log_decay, axis=-1)  # G [B,N,H,C]
-    entry_decay = jnp.exp(jnp.where(sees_entry, cum_log, MASKED_LOG))  # exp(G_i) [B,N,H,C]
-    exit_decay = pair_decay[..., -1, :]  # [B,N,H,C]: exp(G_C - G_j)
-    carry_decay = entry_decay[..., -1]  # [B,N,H]: exp(G_C)
+    cum_log = jnp.cumsum(log_decay, axis=-1)  # G [B,M,H,C]
+    entry_decay = jnp.exp(jnp.where(sees_entry, cum_log, MASKED_LOG))  # exp(G_i) [B,M,H,C]
+    exit_decay = pair_decay[..., -1, :]  # [B,M,H,C]: exp(G_C - G_j)
+    carry_decay = entry_decay[..., -1]  # [B,M,H]: exp(G_C)
 
     strictly_lower = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
-    kk = jnp.einsum("bnhik,bnhjk->bnhij", k, k)  # [B,N,H,C,C]
+    kk = jnp.einsum("bmhik,bmhjk->bmhij", k, k)  # [B,M,H,C,C]
     tri = jnp.where(strictly_lower, beta[..., :, None] * kk * pair_decay, 0.0)
     tri = tri + jnp.eye(chunk, dtype=f32)  # I + A
     rhs = beta[..., None] * jnp.concatenate(
         [v, entry_decay[..., None] * k], axis=-1
-    )  # [B,N,H,C,V+K]
+    )  # [B,M,H,C,V+K]
     solved = unit_lower_solve(tri, rhs)
-    u, w = solved[..., :value_dim], solved[..., value_dim:]  # [B,N,H,C,V], [B,N,H,C,K]
-    exit_keys = exit_decay[..., None] * k  # [B,N,H,C,K]
+    u, w = solved[..., :value_dim], solved[..., value_dim:]  # [B,M,H,C,V], [B,M,H,C,K]
+    exit_keys = exit_decay[..., None] * k  # [B,M,H,C,K]
 
     def across_chunks(state, xs):
         u_n, w_n, exit_keys_n, carry_n = xs
@@ -432,12 +432,12 @@ def _delta_rule_chunked(
     final_state, (entry_states, pseudo_v) = jax.lax.scan(
         across_chunks, initial_state.astype(f32), tuple(chunk_major)
     )
-    entry_states = jnp.moveaxis(entry_states, 0, 1)  # [B,N,H,K,V]
-    pseudo_v = jnp.moveaxis(pseudo_v, 0, 1)  # [B,N,H,C,V]
+    entry_states = jnp.moveaxis(entry_states, 0, 1)  # [B,M,H,K,V]
+    pseudo_v = jnp.moveaxis(pseudo_v, 0, 1)  # [B,M,H,C,V]
 
-    scores = jnp.einsum("bnhik,bnhjk->bnhij", q, k) * pair_decay  # [B,N,H,C,C]
-    o = jnp.einsum("bnhck,bnhkv->bnhcv", entry_decay[..., None] * q, entry_states)
-    o = scale * (o + jnp.einsum("bnhij,bnhjv->bnhiv", scores, pseudo_v))
+    scores = jnp.einsum("bmhik,bmhjk->bmhij", q, k) * pair_decay  # [B,M,H,C,C]
+    o = jnp.einsum("bmhck,bmhkv->bmhcv", entry_decay[..., None] * q, entry_states)
+    o = scale * (o + jnp.einsum("bmhij,bmhjv->bmhiv", scores, pseudo_v))
     return _from_chunks(o, time, out_dtype), final_state
 
 
@@ -531,31 +531,31 @@ def _generalized_chunked(
     f32 = jnp.float32
     (q, k, v, a, b, log_decay), segments = _to_chunks(
         (q, k, v, a, b, log_decay), segment_ids, chunk
-    )  # [B,N,H,C,K] each but v [B,N,H,C,V]
-    same_segment = segments.same_segment[:, :, None, None]  # [B,N,1,1,C,C]: over H and K
-    sees_entry = segments.sees_entry[:, :, None, :, None]  # [B,N,1,C,1]
+    )  # [B,M,H,C,K] each but v [B,M,H,C,V]
+    same_segment = segments.same_segment[:, :, None, None]  # [B,M,1,1,C,C]: over H and K
+    sees_entry = segments.sees_entry[:, :, None, :, None]  # [B,M,1,C,1]
 
-    cum_log = jnp.cumsum(log_decay, axis=-2)  # G_i [B,N,H,C,K]
+    cum_log = jnp.cumsum(log_decay, axis=-2)  # G_i [B,M,H,C,K]
     cum_log_before = jnp.pad(cum_log[..., :-1, :], [(0, 0)] * 3 + [(1, 0), (0, 0)])
     entry_decay = jnp.exp(jnp.where(sees_entry, cum_log, MASKED_LOG))  # exp(G_i)
     read_decay = jnp.exp(jnp.where(sees_entry, cum_log_before, MASKED_LOG))  # exp(G_{i-1})
     # exp(G_C - G_j): the decay from step j to the chunk end, as a direct (reverse) sum.
-    to_end = _reverse_exclusive_cumsum(log_decay)  # [B,N,H,C,K]
-    reaches_end = segments.same_segment[:, :, None, -1, :, None]  # [B,N,1,C,1]: j in the last step's segment
+    to_end = _reverse_exclusive_cumsum(log_decay)  # [B,M,H,C,K]
+    reaches_end = segments.same_segment[:, :, None, -1, :, None]  # [B,M,1,C,1]: j in the last step's segment
     exit_decay = jnp.exp(jnp.where(reaches_end, to_end, MASKED_LOG))
-    carry_decay = entry_decay[..., -1, :]  # exp(G_C) [B,N,H,K]
+    carry_decay = entry_decay[..., -1, :]  # exp(G_C) [B,M,H,K]
     sub = _sub_chunk(chunk)
 
-    def pairs(x, y, inclusive):  # M_xy [B,N,H,C,C]
+    def pairs(x, y, inclusive):  # M_xy [B,M,H,C,C]
         m_xy = _decayed_pairs(x, y, log_decay, inclusive=inclusive, sub=sub)
         return jnp.where(same_segment[..., 0, :, :], m_xy, 0.0)
 
     tri = jnp.eye(chunk, dtype=f32) - pairs(b, a, inclusive=False)  # I - M_ba
     rhs = jnp.concatenate(
-        [b * read_decay, jnp.einsum("bnhij,bnhjv->bnhiv", pairs(b, k, inclusive=False), v)], axis=-1
-    )  # [B~ | M_bk V]: [B,N,H,C,K+V]
+        [b * read_decay, jnp.einsum("bmhij,bmhjv->bmhiv", pairs(b, k, inclusive=False), v)], axis=-1
+    )  # [B~ | M_bk V]: [B,M,H,C,K+V]
     solved = unit_lower_solve(tri, rhs)
-    w, u = solved[..., :key_dim], solved[..., key_dim:]  # [B,N,H,C,K], [B,N,H,C,V]
+    w, u = solved[..., :key_dim], solved[..., key_dim:]  # [B,M,H,C,K], [B,M,H,C,V]
 
     def across_chunks(state, xs):
         w_n, u_n, exit_a, exit_k, v_n, carry_n = xs
@@ -576,10 +576,10 @@ def _generalized_chunked(
     final_state, (entry_states, reads) = jax.lax.scan(
         across_chunks, initial_state.astype(f32), chunk_major
     )
-    entry_states = jnp.moveaxis(entry_states, 0, 1)  # [B,N,H,K,V]
-    reads = jnp.moveaxis(reads, 0, 1)  # [B,N,H,C,V]
+    entry_states = jnp.moveaxis(entry_states, 0, 1)  # [B,M,H,K,V]
+    reads = jnp.moveaxis(reads, 0, 1)  # [B,M,H,C,V]
 
-    o = jnp.einsum("bnhck,bnhkv->bnhcv", entry_decay * q, entry_states)
-    o = o + jnp.einsum("bnhij,bnhjv->bnhiv", pairs(q, a, inclusive=True), reads)
-    o = scale * (o + jnp.einsum("bnhij,bnhjv->bnhiv", pairs(q, k, inclusive=True), v))
+    o = jnp.einsum("bmhck,bmhkv->bmhcv", entry_decay * q, entry_states)
+    o = o + jnp.einsum("bmhij,bmhjv->bmhiv", pairs(q, a, inclusive=True), reads)
+    o = scale * (o + jnp.einsum("bmhij,bmhjv->bmhiv", pairs(q, k, inclusive=True), v))
     return _from_chunks(o, time, out_dtype), final_state

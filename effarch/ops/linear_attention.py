@@ -209,34 +209,34 @@ def chunked(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, 
     n = -(-t // c)  # number of chunks
     pad = lambda x: pad_to_multiple(x, c, axis=1)
     to_chunks = lambda x: x.reshape(b, n, c, *x.shape[2:])
-    qc, kc, vc = (to_chunks(pad(x)) for x in (q, k, v))  # [B,N,C,H,K|V]
+    qc, kc, vc = (to_chunks(pad(x)) for x in (q, k, v))  # [B,M,C,H,K|V]
     segments = chunk_segments(segment_ids, b, t, c)
-    same = segments.same_segment & jnp.tril(jnp.ones((c, c), bool))  # [B,N,C,C]
-    reach_q = segments.sees_entry[..., None, None]  # [B,N,C,1,1]: entering state reaches t
-    reach_k = segments.reaches_exit[..., None, None]  # [B,N,C,1,1]: s reaches the chunk end
-    carry = segments.carries[..., None, None]  # [B,N,1,1]: entering state reaches the end
+    same = segments.same_segment & jnp.tril(jnp.ones((c, c), bool))  # [B,M,C,C]
+    reach_q = segments.sees_entry[..., None, None]  # [B,M,C,1,1]: entering state reaches t
+    reach_k = segments.reaches_exit[..., None, None]  # [B,M,C,1,1]: s reaches the chunk end
+    carry = segments.carries[..., None, None]  # [B,M,1,1]: entering state reaches the end
 
     masked = lambda cond, x: jnp.where(cond, x, MASKED_LOG)
     if log_decay is None:
-        scores = jnp.einsum("bnthk,bnshk->bnhts", qc, kc) * same[:, :, None]
+        scores = jnp.einsum("bmthk,bmshk->bmhts", qc, kc) * same[:, :, None]
         cum = jnp.zeros((b, n, c, h, 1), jnp.float32)
     else:
-        g = to_chunks(pad(log_decay))  # [B,N,C,H] or [B,N,C,H,K]
+        g = to_chunks(pad(log_decay))  # [B,M,C,H] or [B,M,C,H,K]
         cum = jnp.cumsum(g, axis=2)  # inclusive log decay from the chunk start
         if g.ndim == 4:
-            seg = _common.segsum(jnp.moveaxis(g, 2, 3))  # [B,N,H,C,C]
+            seg = _common.segsum(jnp.moveaxis(g, 2, 3))  # [B,M,H,C,C]
             weights = jnp.exp(masked(same[:, :, None], seg))
-            scores = jnp.einsum("bnthk,bnshk->bnhts", qc, kc) * weights
-            cum = cum[..., None]  # [B,N,C,H,1]: one decay for every key channel
+            scores = jnp.einsum("bmthk,bmshk->bmhts", qc, kc) * weights
+            cum = cum[..., None]  # [B,M,C,H,1]: one decay for every key channel
         else:
             scores = _intra_per_channel(qc, kc, g, cum, same)
-    o_intra = jnp.einsum("bnhts,bnshv->bnthv", scores, vc)
+    o_intra = jnp.einsum("bmhts,bmshv->bmthv", scores, vc)
 
-    cum_end = cum[:, :, -1]  # [B,N,H,Kd], Kd = 1 or K
-    q_in = qc * jnp.exp(masked(reach_q, cum))  # [B,N,C,H,K]: decay since the chunk start
+    cum_end = cum[:, :, -1]  # [B,M,H,Kd], Kd = 1 or K
+    q_in = qc * jnp.exp(masked(reach_q, cum))  # [B,M,C,H,K]: decay since the chunk start
     k_out = kc * jnp.exp(masked(reach_k, cum_end[:, :, None] - cum))  # decay to the chunk end
-    chunk_decay = jnp.exp(masked(carry, cum_end))  # [B,N,H,Kd]
-    contribution = jnp.einsum("bnshk,bnshv->bnhkv", k_out, vc)  # [B,N,H,K,V]
+    chunk_decay = jnp.exp(masked(carry, cum_end))  # [B,M,H,Kd]
+    contribution = jnp.einsum("bmshk,bmshv->bmhkv", k_out, vc)  # [B,M,H,K,V]
 
     def step(state, inputs):
         decay, contrib = inputs  # [B,H,Kd], [B,H,K,V]
@@ -246,8 +246,8 @@ def chunked(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, 
              else initial_state.astype(jnp.float32))
     state, entering = jax.lax.scan(
         step, state, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(contribution, 1, 0)))
-    entering = jnp.moveaxis(entering, 0, 1)  # [B,N,H,K,V]: the state entering each chunk
-    o_inter = jnp.einsum("bnthk,bnhkv->bnthv", q_in, entering)
+    entering = jnp.moveaxis(entering, 0, 1)  # [B,M,H,K,V]: the state entering each chunk
+    o_inter = jnp.einsum("bmthk,bmhkv->bmthv", q_in, entering)
     o = scale * (o_intra + o_inter).reshape(b, n * c, h, vd)[:, :t]
     return o, state
 
@@ -263,15 +263,15 @@ def _intra_per_channel(qc, kc, g, cum, same):
     ``exp(cum_e - cum_s)`` are ``<= 1`` (as in flash-linear-attention's GLA).
 
     Args:
-      qc, kc: ``[B,N,C,H,K]``. g, cum: ``[B,N,C,H,K]`` log decays and their
-        inclusive cumsum within each chunk. same: ``[B,N,C,C]`` visibility.
+      qc, kc: ``[B,M,C,H,K]``. g, cum: ``[B,M,C,H,K]`` log decays and their
+        inclusive cumsum within each chunk. same: ``[B,M,C,C]`` visibility.
     Returns:
-      ``[B,N,H,C,C]`` scores (rows t, columns s).
+      ``[B,M,H,C,C]`` scores (rows t, columns s).
     """
     b, n, c, h, kd = qc.shape
     sub = SUBCHUNK if c % SUBCHUNK == 0 else c
     m = c // sub  # sub-chunks per chunk
-    split = lambda x, i: x[:, :, i * sub:(i + 1) * sub]  # [B,N,c,...]
+    split = lambda x, i: x[:, :, i * sub:(i + 1) * sub]  # [B,M,c,...]
     rows = []
     for j in range(m):  # query sub-chunk
         row = []
@@ -279,16 +279,16 @@ def _intra_per_channel(qc, kc, g, cum, same):
             if i > j:
                 row.append(jnp.zeros((b, n, h, sub, sub), qc.dtype))
             elif i == j:  # the full decay tensor inside one sub-chunk
-                seg = _common.segsum(jnp.moveaxis(split(g, j), 2, -1))  # [B,N,H,K,c,c]
+                seg = _common.segsum(jnp.moveaxis(split(g, j), 2, -1))  # [B,M,H,K,c,c]
                 weights = jnp.exp(jnp.where(jnp.tril(jnp.ones((sub, sub), bool)), seg,
                                             MASKED_LOG))
-                row.append(jnp.einsum("bnthk,bnshk,bnhkts->bnhts", split(qc, j), split(kc, i),
+                row.append(jnp.einsum("bmthk,bmshk,bmhkts->bmhts", split(qc, j), split(kc, i),
                                       weights))
             else:  # factored at the end of sub-chunk i: both exponents <= 0
-                boundary = cum[:, :, (i + 1) * sub - 1][:, :, None]  # [B,N,1,H,K]
+                boundary = cum[:, :, (i + 1) * sub - 1][:, :, None]  # [B,M,1,H,K]
                 q_dec = split(qc, j) * jnp.exp(split(cum, j) - boundary)
                 k_dec = split(kc, i) * jnp.exp(boundary - split(cum, i))
-                row.append(jnp.einsum("bnthk,bnshk->bnhts", q_dec, k_dec))
+                row.append(jnp.einsum("bmthk,bmshk->bmhts", q_dec, k_dec))
         rows.append(jnp.concatenate(row, axis=-1))
-    scores = jnp.concatenate(rows, axis=-2)  # [B,N,H,C,C]
+    scores = jnp.concatenate(rows, axis=-2)  # [B,M,H,C,C]
     return scores * same[:, :, None]

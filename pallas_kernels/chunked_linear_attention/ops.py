@@ -111,14 +111,14 @@ class _Config(_platform.KernelConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """Padded kernel inputs (``Tp`` = T padded to chunks, ``N = Tp / C``).
+    """Padded kernel inputs (``Tp`` = T padded to chunks, ``M = Tp / C``).
 
     Attributes:
       q, k: ``[B,Tp,H,Kp]``; v: ``[B,Tp,H,Vp]``.
       g: ``[B,H,Tp,Kg]`` float32 log decay summed from the chunk start (inclusive),
         ``Kg`` 1 (scalar) or ``Kp`` (per key channel); None without decay.
-      g_row: ``[B,H,N,C]`` the same, chunk-major (scalar decay only).
-      tot: ``[B,H,N,Kg]`` log factor carrying a chunk's entering state to its
+      g_row: ``[B,H,M,C]`` the same, chunk-major (scalar decay only).
+      tot: ``[B,H,M,Kg]`` log factor carrying a chunk's entering state to its
         end (``-inf`` where the chunk holds a segment start); None when 1.
       r: ``[B,Tp]`` segment starts since the chunk start, up to each step
         (segments only, else None): two steps of a chunk share a segment iff
@@ -198,17 +198,17 @@ def _prepare(cfg: _Config, q, k, v, log_decay, segment_ids) -> Prepared:
         ld = cfg.pad(ld.astype(jnp.float32), lanes=(3,) if ld.shape[-1] > 1 else ())
         kg = ld.shape[-1]
         ld = jnp.transpose(ld, (0, 2, 1, 3)).reshape(b, h, n, c, kg)
-        g5 = jnp.cumsum(ld, axis=3)  # [B,H,N,C,Kg]
+        g5 = jnp.cumsum(ld, axis=3)  # [B,H,M,C,Kg]
         g = g5.reshape(b, h, tp, kg)
         if kg == 1:
             g_row = g5[..., 0]
-        tot = g5[:, :, :, -1, :]  # [B,H,N,Kg]
+        tot = g5[:, :, :, -1, :]  # [B,H,M,Kg]
     if segment_ids is not None:
-        segments = chunk_segments(segment_ids, b, t, c)  # [B,N,C] flags
+        segments = chunk_segments(segment_ids, b, t, c)  # [B,M,C] flags
         r = segments.resets.reshape(b, tp)
         seg_in = segments.sees_entry.reshape(b, tp).astype(jnp.int32)
         seg_out = segments.reaches_exit.reshape(b, tp).astype(jnp.int32)
-        carries = segments.carries[:, None, :, None]  # [B,1,N,1]
+        carries = segments.carries[:, None, :, None]  # [B,1,M,1]
         tot = jnp.where(carries, 0.0 if tot is None else tot, MASKED_LOG)
         tot = jnp.broadcast_to(tot, (b, h, n, tot.shape[-1]))
     return Prepared(q=q, k=k, v=v, g=g, g_row=g_row, tot=tot, r=r, seg_in=seg_in,
