@@ -100,7 +100,7 @@ def forget_gate(logits: jax.Array, lower_bound: float | jax.Array) -> tuple[jax.
     if isinstance(lower_bound, (int, float)):
         f = lower_bound + (1.0 - lower_bound) * jax.nn.sigmoid(logits)
         return jnp.log(f), (1.0 - lower_bound) * jax.nn.sigmoid(-logits)
-    beta = lower_bound.astype(jnp.float32)
+    beta = jnp.maximum(lower_bound.astype(jnp.float32), 0.0)
     log_f = jnp.logaddexp(jax.nn.log_sigmoid(logits), jnp.log(beta) + jax.nn.log_sigmoid(-logits))
     return log_f, (1.0 - beta) * jax.nn.sigmoid(-logits)
 
@@ -108,7 +108,9 @@ def forget_gate(logits: jax.Array, lower_bound: float | jax.Array) -> tuple[jax.
 def learned_lower_bounds(logits: jax.Array) -> jax.Array:
     """HGRN-2's per-layer bounds from the LM's parameter ``[L, D]``: softmax over layers, cumsum, minus layer 0's."""
     shares = jax.nn.softmax(logits.astype(jnp.float32), axis=0)
-    return jnp.cumsum(shares, axis=0) - shares[0]
+    # sum_{j=1..i} shares_j, a direct sum: never below 0 (cumsum - shares[0] can round to -1e-9 under
+    # jit, whose log in the forget gate is NaN).
+    return jnp.concatenate([jnp.zeros_like(shares[:1]), jnp.cumsum(shares[1:], axis=0)], axis=0)
 
 
 @register("hgrn2", HGRN2Config)

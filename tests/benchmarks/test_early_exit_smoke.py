@@ -2,7 +2,8 @@
 
 No timing assertions: only that times are positive and finite, that threshold 1.0
 uses every layer and scores what the model without exits scores, and that the
-static rows' depths are the exits' depths.
+static rows' depths are the exits' depths. Slow tier (`pytest -m slow`): 32 s on the
+loaded 2-core machine, most of it training and compiling the tiny run.
 """
 
 import json
@@ -17,6 +18,8 @@ from effarch.models import LM, LMConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import early_exit as bench  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 TEXT = b"def main(argv):\n    return len(argv) + 1\n\n"
 

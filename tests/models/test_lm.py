@@ -306,10 +306,11 @@ def test_layer_mlp_sets_one_layers_mlp_kind():
 
 def _decoded_token_by_token(lm, variables, tokens):
     """Logits ``[B,T,V]`` of feeding ``tokens`` one at a time through the decode caches."""
+    step = jax.jit(lambda v, token, cache: lm.apply(v, token, cache=cache))  # one compile for every step
     cache = lm.init_cache(tokens.shape[0], tokens.shape[1])
     steps = []
     for t in range(tokens.shape[1]):
-        out, _, cache = lm.apply(variables, tokens[:, t:t + 1], cache=cache)
+        out, _, cache = step(variables, tokens[:, t:t + 1], cache)
         steps.append(out)
     return jnp.concatenate(steps, 1)
 
@@ -337,6 +338,8 @@ def test_hgrn2_learned_lower_bounds_follow_the_hgrn2_model():
     for i in (0, 1, 3):
         np.testing.assert_allclose(bounds[i], np.cumsum(shares, 0)[i] - shares[0], rtol=1e-5, atol=1e-7)
     full, _, _ = lm.apply(variables, tokens)
+    # Under jit too (layer 0's bound must stay exactly 0, not round below it: its log would be NaN).
+    chex.assert_trees_all_close(jax.jit(lm.apply)(variables, tokens)[0], full, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(_decoded_token_by_token(lm, variables, tokens), full, rtol=1e-4, atol=1e-4)
     scanned = LMConfig.preset("tiny", n_layers=4, pattern="HHAH", scan_layers=True)
     stacked = stack_layer_params(variables, scanned)
