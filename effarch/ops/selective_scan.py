@@ -40,9 +40,23 @@ IMPLEMENTATIONS = ("auto", "recurrent", "chunked", "pallas")
 CHUNK_SIZE = 64
 
 
-def resolve(implementation: str) -> _common.Choice:
-    """Validates ``implementation``; ``"auto"`` becomes this platform's (forward, training) forms."""
-    return _common.resolve_forms(OP, implementation, IMPLEMENTATIONS)
+# On CPU, "auto" trains with the recurrent form while the states its backward saves, B*T*D*N float32,
+# stay within this (docs/design.md §3): 1.6-1.7x faster than chunked with gradients at T = 256..4096,
+# but about 4.7x these bytes of temporaries (150 MiB at B=1, T=1024, D=512, N=16), 8x chunked's at T=4096.
+RECURRENT_TRAINING_MAX_BYTES = 32 * 2**20
+
+
+def resolve(implementation: str, state_bytes: int | None = None) -> _common.Choice:
+    """Validates ``implementation``; ``"auto"`` becomes this platform's (forward, training) forms.
+
+    ``state_bytes``: ``B*T*D*N*4`` of the call; on CPU at most
+    :data:`RECURRENT_TRAINING_MAX_BYTES` makes the training form recurrent.
+    """
+    choice = _common.resolve_forms(OP, implementation, IMPLEMENTATIONS)
+    if (implementation == "auto" and _common.platform() == "cpu" and state_bytes is not None
+            and state_bytes <= RECURRENT_TRAINING_MAX_BYTES):
+        choice = choice._replace(training="recurrent")
+    return choice
 
 
 def selective_scan(
@@ -97,7 +111,8 @@ def selective_scan(
             x, dt, A, B, C, D, z, dt_bias=dt_bias, dt_softplus=dt_softplus,
             initial_state=initial_state, segment_ids=segment_ids)
 
-    y, h = _common.run_forms(resolve(implementation), form, x, dt, A, B, C, D, z, dt_bias,
+    state_bytes = x.shape[0] * x.shape[1] * x.shape[2] * A.shape[-1] * 4  # the recurrent backward's saved states
+    y, h = _common.run_forms(resolve(implementation, state_bytes), form, x, dt, A, B, C, D, z, dt_bias,
                              initial_state, segment_ids)
     return y, (h if return_final_state else None)
 

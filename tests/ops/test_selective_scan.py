@@ -9,7 +9,7 @@ import pytest
 
 from effarch import ops
 from effarch.ops import _common
-from effarch.ops.selective_scan import OP, resolve
+from effarch.ops.selective_scan import OP, RECURRENT_TRAINING_MAX_BYTES, resolve
 from effarch.testing import assert_relative_close
 from pallas_kernels.selective_scan.reference import random_inputs, selective_scan_reference
 
@@ -183,3 +183,26 @@ def test_auto_resolves_by_the_policy_table():
 def test_unsupported_implementation_raises_not_implemented():
     with pytest.raises(NotImplementedError, match="quadratic"):
         ops.selective_scan(**_bad(implementation="quadratic"))
+
+
+def test_cpu_training_is_recurrent_while_the_saved_states_are_small(monkeypatch):
+    """docs/design.md §3: the size rule changes only "auto" on CPU, only the training form."""
+    monkeypatch.setattr(_common, "platform", lambda: "cpu")
+    assert resolve("auto", RECURRENT_TRAINING_MAX_BYTES) == ("chunked", "recurrent")
+    assert resolve("auto", RECURRENT_TRAINING_MAX_BYTES + 1) == ("chunked", "chunked")
+    assert resolve("chunked", 1) == ("chunked", "chunked")
+    monkeypatch.setattr(_common, "platform", lambda: "gpu")
+    assert resolve("auto", 1) == ("chunked", "chunked")
+
+
+def test_auto_gradients_are_the_recurrent_forms_when_small():
+    inputs = random_inputs(jax.random.PRNGKey(7), batch=1, time=13, channels=8, state=4)
+
+    def grads(implementation):
+        def loss(v):
+            y, h = ops.selective_scan(**v, return_final_state=True, implementation=implementation)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(h)
+        return jax.jit(jax.grad(loss))(inputs)
+
+    expected = "recurrent" if jax.default_backend() == "cpu" else "chunked"
+    chex.assert_trees_all_close(grads("auto"), grads(expected), rtol=1e-6, atol=1e-6)
