@@ -113,10 +113,7 @@ def time_pair(full, early, repeats: int) -> tuple[float, float]:
 
 
 def plot(rows, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for measure in sorted({r["measure"] for r in rows if r["kind"] == "early exit"}):
@@ -136,11 +133,7 @@ def plot(rows, path: str, title: str) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"saved {path}")
+    harness.save_figure(fig, path, title)
 
 
 def main(argv=None) -> list[dict]:

@@ -88,6 +88,25 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (benchmarks draw PNGs, never windows)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    return plt
+
+
+def save_figure(fig, path: str, title: str) -> None:
+    """Titles ``fig``, writes it to ``path`` as a PNG and closes it."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    print(f"saved {path}")
+
+
 def save_json(path: str, rows: Sequence[dict], **extra) -> None:
     """Writes ``{"environment": ..., "results": rows, **extra}`` to ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

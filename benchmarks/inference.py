@@ -378,10 +378,7 @@ def summarize(rows, allocated, models, contexts, batches) -> dict:
 
 
 def plot(rows, models, batches, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = harness.pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -409,11 +406,7 @@ def plot(rows, models, batches, path, title):
     ax2.set_title("Decode-cache size against context")
     if ax2.get_legend_handles_labels()[0]:
         ax2.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"saved {path}")
+    harness.save_figure(fig, path, title)
 
 
 # ---------------------------------------------------------------- main
