@@ -84,18 +84,89 @@ def causal_conv1d(
     if state is None:
         state = jnp.zeros((b, w - 1, d), x.dtype)
     padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, W-1+T, D]
-    reset = reset_index(segment_ids, b, t)  # [B, T]
-    # Padded positions (the state) belong to segment "0 resets", like step 0.
-    reset_padded = jnp.concatenate([jnp.zeros((b, w - 1), jnp.int32), reset], axis=1)
-    y = jnp.zeros((b, t, d), jnp.float32)
-    for j in range(w):  # tap j reads the input W-1-j steps back
-        window = padded[:, j : j + t]  # [B, T, D]
-        same = (reset_padded[:, j : j + t] == reset)[..., None]  # [B, T, 1]
-        y = y + jnp.where(same, window.astype(jnp.float32) * weight[j].astype(jnp.float32), 0.0)
+    keep = None
+    if segment_ids is not None:
+        reset = reset_index(segment_ids, b, t)  # [B, T]
+        # Padded positions (the state) belong to segment "0 resets", like step 0.
+        reset_padded = jnp.concatenate([jnp.zeros((b, w - 1), jnp.int32), reset], axis=1)
+        # keep[:, t, j]: tap j (the input W-1-j steps back) is in step t's segment.
+        keep = jnp.stack([reset_padded[:, j : j + t] == reset for j in range(w)], axis=-1).astype(jnp.float32)
+    y = _taps(padded, weight, keep)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     new_state = padded[:, t:]  # [B, W-1, D]: the last W-1 inputs
     return y.astype(x.dtype), new_state.astype(state_dtype)
+
+
+def _tap(padded, keep, j, t):
+    """Tap ``j``'s input window ``padded[:, j : j + t]`` in float32, masked by ``keep``."""
+    window = padded[:, j : j + t].astype(jnp.float32)
+    return window if keep is None else window * keep[..., j : j + 1]
+
+
+def _forward_taps(padded, weight, keep):
+    t = padded.shape[1] - weight.shape[0] + 1
+    wf = weight.astype(jnp.float32)
+    y = _tap(padded, keep, 0, t) * wf[0]
+    for j in range(1, weight.shape[0]):
+        y = y + _tap(padded, keep, j, t) * wf[j]
+    return y
+
+
+# Rows of the batch whose tap gradients are summed at once: a block of about
+# this many bytes stays in cache while its W products are reduced.
+_TAP_GRAD_BLOCK_BYTES = 1 << 20
+
+
+@jax.custom_vjp
+def _taps(padded: jax.Array, weight: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """``y[:, t] = sum_j keep[:, t, j] * padded[:, t + j] * weight[j]`` in float32, ``[B,T,D]``.
+
+    ``keep`` (``[B,T,W]`` 0/1, or None for all ones) is not differentiated. The
+    backward pass sums the tap gradients block by block over the batch: XLA on
+    a CPU reduces the W products of the whole batch at 3-4x the time of
+    cache-sized blocks (docs/results/speed.md).
+    """
+    return _forward_taps(padded, weight, keep)
+
+
+def _taps_fwd(padded, weight, keep):
+    return _forward_taps(padded, weight, keep), (padded, weight, keep)
+
+
+def _taps_bwd(res, g):
+    padded, weight, keep = res
+    b, tp, d = padded.shape
+    w = weight.shape[0]
+    t = tp - w + 1
+    wf = weight.astype(jnp.float32)
+    g = g.astype(jnp.float32)
+    # d padded[s] = sum_j keep[s - j, j] * g[s - j] * weight[j]
+    if keep is None:
+        g_padded = jnp.pad(g, ((0, 0), (w - 1, w - 1), (0, 0)))
+        d_padded = g_padded[:, w - 1 : w - 1 + tp] * wf[0]
+        for j in range(1, w):
+            d_padded = d_padded + g_padded[:, w - 1 - j : w - 1 - j + tp] * wf[j]
+    else:
+        d_padded = jnp.zeros((b, tp, d), jnp.float32)
+        for j in range(w):
+            d_padded = d_padded + jnp.pad(g * keep[..., j : j + 1] * wf[j], ((0, 0), (j, w - 1 - j), (0, 0)))
+    # d weight[j] = sum_{b,t} keep[b, t, j] * padded[b, t + j] * g[b, t], over blocks of rows.
+    rows = max(1, min(b, _TAP_GRAD_BLOCK_BYTES // max(1, tp * d * 4)))
+    while b % rows:
+        rows -= 1
+
+    def block(acc, xs):
+        p, gb, kb = xs
+        return acc + jnp.stack([jnp.sum(_tap(p, kb, j, t) * gb, axis=(0, 1)) for j in range(w)]), None
+
+    blocks = (padded.reshape(b // rows, rows, tp, d), g.reshape(b // rows, rows, t, d),
+              None if keep is None else keep.reshape(b // rows, rows, t, w))
+    d_weight, _ = jax.lax.scan(block, jnp.zeros((w, d), jnp.float32), blocks)
+    return d_padded.astype(padded.dtype), d_weight.astype(weight.dtype), None
+
+
+_taps.defvjp(_taps_fwd, _taps_bwd)
 
 
 def causal_conv1d_reference(x, weight, bias=None, *, state=None, segment_ids=None):
