@@ -95,6 +95,9 @@ def causal_conv1d(
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     new_state = padded[:, t:]  # [B, W-1, D]: the last W-1 inputs
+    if segment_ids is not None:  # ... of the last segment only: decoding continues it
+        in_last = (reset_padded[:, t:] == reset[:, -1:])[..., None]
+        new_state = jnp.where(in_last, new_state, jnp.zeros_like(new_state))
     return y.astype(x.dtype), new_state.astype(state_dtype)
 
 
@@ -142,15 +145,10 @@ def _taps_bwd(res, g):
     wf = weight.astype(jnp.float32)
     g = g.astype(jnp.float32)
     # d padded[s] = sum_j keep[s - j, j] * g[s - j] * weight[j]
-    if keep is None:
-        g_padded = jnp.pad(g, ((0, 0), (w - 1, w - 1), (0, 0)))
-        d_padded = g_padded[:, w - 1 : w - 1 + tp] * wf[0]
-        for j in range(1, w):
-            d_padded = d_padded + g_padded[:, w - 1 - j : w - 1 - j + tp] * wf[j]
-    else:
-        d_padded = jnp.zeros((b, tp, d), jnp.float32)
-        for j in range(w):
-            d_padded = d_padded + jnp.pad(g * keep[..., j : j + 1] * wf[j], ((0, 0), (j, w - 1 - j), (0, 0)))
+    d_padded = jnp.zeros((b, tp, d), jnp.float32)
+    for j in range(w):
+        gj = g if keep is None else g * keep[..., j : j + 1]
+        d_padded = d_padded + jnp.pad(gj * wf[j], ((0, 0), (j, w - 1 - j), (0, 0)))
     # d weight[j] = sum_{b,t} keep[b, t, j] * padded[b, t + j] * g[b, t], over blocks of rows.
     rows = max(1, min(b, _TAP_GRAD_BLOCK_BYTES // max(1, tp * d * 4)))
     while b % rows:

@@ -33,9 +33,9 @@ def test_matches_reference(w, with_state):
 @pytest.mark.parametrize("packed", [False, True], ids=["one", "packed"])
 def test_gradients_over_batch_blocks(monkeypatch, packed):
     # The backward pass sums the tap gradients over blocks of batch rows: with a
-    # block of 4 rows' bytes, a batch of 6 is cut into 2 blocks of 3. (With
-    # segments the reference's last window holds zeros after a segment start, the
-    # fast form's the raw inputs, so the state is checked without them.)
+    # block of 4 rows' bytes, a batch of 6 is cut into 2 blocks of 3. With
+    # segments, the new state holds only the last segment's inputs (zeros before
+    # its start), as the reference's window does.
     from effarch.layers import conv  # pylint: disable=import-outside-toplevel
 
     b, t, d, w = 6, 10, 5, 4
@@ -46,12 +46,15 @@ def test_gradients_over_batch_blocks(monkeypatch, packed):
     def loss(fn):
         def f(x, weight, bias, state):
             y, new_state = fn(x, weight, bias, state=state, segment_ids=ids)
-            return jnp.sum(jnp.sin(y)) + (0.0 if packed else jnp.sum(jnp.cos(new_state)))
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(new_state))
         return f
 
     grads = jax.grad(loss(causal_conv1d), (0, 1, 2, 3))(x, weight, bias, state)
     grads_ref = jax.grad(loss(causal_conv1d_reference), (0, 1, 2, 3))(x, weight, bias, state)
     assert_relative_close(grads, grads_ref, name="grads x, weight, bias, state")
+    new_state = causal_conv1d(x, weight, bias, state=state, segment_ids=ids)[1]
+    np.testing.assert_allclose(new_state, causal_conv1d_reference(x, weight, bias, state=state, segment_ids=ids)[1],
+                               rtol=0, atol=0)
 
 
 def test_segments_equal_separate_sequences():
