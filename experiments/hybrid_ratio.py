@@ -120,6 +120,21 @@ PRESETS = {
         mqar_seq_len=64, mqar_kv_pairs=8, mqar_vocab=64, mqar_batch_size=16, mqar_steps=300,
         mqar_train_rows=4800, mqar_test_rows=256, eval_every=60,
     ),
+    # The recall half on a 2-core CPU: the cpu preset's 16 narrow layers did not learn MQAR in 300
+    # steps, so MQAR's own recipe (experiments/mqar.py: 16 pairs in 64 tokens, vocabulary 256, batch
+    # 64, up to 1,500 steps, early stop at 99%) on 4 layers of width 64, where the fractions are
+    # 0, 1/4 (1:3, the anchors' threshold), 1/2 and 1, and at 1/4 the attention layer sits last
+    # ("even"), first or second. Sized by measurement (docs/results/hybrid_ratio.md).
+    "cpu_recall": Preset(
+        n_layers=4, d_model=64, d_ff=128, num_heads=2,
+        recurrent_options={"d_state": 16, "head_dim": 16, "chunk_size": 64},
+        lrs=(3.16e-3, 1e-2), weight_decay=0.0,
+        lm_seq_len=128, lm_batch_size=8, lm_steps=300, lm_train_rows=2400, lm_test_rows=64,
+        corpus_bytes=3_000_000,
+        mqar_seq_len=64, mqar_kv_pairs=16, mqar_vocab=256, mqar_batch_size=64, mqar_steps=1500,
+        mqar_train_rows=20_000, mqar_test_rows=1000, eval_every=50,
+        placement_fraction="1/4", fractions=("0", "1/4", "1/2", "1"), placements=("even", "first", "middle"),
+    ),
     # One GPU: 32 layers (1/16 = 2 layers), width 512, ~100M tokens of text.
     "gpu": Preset(
         n_layers=32, d_model=512, d_ff=1024, num_heads=8,
