@@ -7,8 +7,11 @@
 
 Results and their reading: docs/results/speed.md.
 
-For Mamba (``MambaForCausalLM``) and Mamba-2 (``Mamba2ForCausalLM``) at each
-of the preset's sizes, a random transformers model is built, saved with
+For Mamba (``MambaForCausalLM``), Mamba-2 (``Mamba2ForCausalLM``),
+RecurrentGemma (``RecurrentGemmaForCausalLM``: RG-LRU and local attention),
+Jamba (``JambaForCausalLM``: Mamba and attention, dense MLPs) and Qwen3-Next
+(``Qwen3NextForCausalLM``: Gated DeltaNet and gated attention, dense MLPs) at
+each of the preset's sizes (``--archs``), a random transformers model is built, saved with
 ``save_pretrained`` into a temporary folder and read back by
 ``effarch.convert.from_hf``: both sides hold the same float32 weights. On one
 fixed batch ``[B, T]`` of random tokens (targets: another random ``[B, T]``)
@@ -94,20 +97,23 @@ from effarch.layers.norms import GatedRMSNorm, RMSNorm  # noqa: E402
 from effarch.models.lm import LM  # noqa: E402
 from effarch.testing import relative_rmse  # noqa: E402
 
-ARCHS = ("mamba", "mamba2")
+ARCHS = ("mamba", "mamba2", "recurrent_gemma", "jamba", "qwen3_next")
 # Prefill first: the train steps update the torch model in place.
 MODES = ("prefill", "train")
 
 PRESETS = {
-    # The smoke test: two tiny layers, a short batch, 2 timed calls (the parity needs 2 steps); compiling
-    # the two train steps is most of its ~40 s.
-    "smoke": dict(sizes={"tiny": (32, 2)}, batch=2, seq_len={"mamba": 32, "mamba2": 32}, vocab_size=64,
-                  mamba_d_state=4, mamba2_d_state=8, mamba2_head_dim=16, mamba2_chunk=16, warmup=1, repeats=1),
-    # A 2-core CPU in about 10 minutes. Mamba is shorter: transformers' CPU path for it is a Python
-    # loop over time whose backward grows as T^2 (small: 1.3 s at T = 64, 3.4 s at 128, 47 s at 256).
-    "cpu": dict(sizes={"small": (128, 4), "medium": (256, 4)}, batch=8, seq_len={"mamba": 64, "mamba2": 512},
+    # The smoke test: four tiny layers (so that each hybrid has its attention layer), a short batch, 2 timed
+    # calls (the parity needs 2 steps); compiling the train steps is most of its time.
+    "smoke": dict(sizes={"tiny": (32, 4)}, batch=2, seq_len={arch: 32 for arch in ARCHS}, vocab_size=64,
+                  mamba_d_state=4, mamba2_d_state=8, mamba2_head_dim=16, mamba2_chunk=16, head_dim=16, rg_window=16,
+                  warmup=1, repeats=1),
+    # A 2-core CPU. Mamba and Jamba are shorter: transformers' CPU path for Mamba's selective scan is
+    # a Python loop over time whose backward grows as T^2 (small: 1.3 s at T = 64, 3.4 s at 128, 47 s
+    # at 256); RecurrentGemma's RG-LRU is a Python loop over time too.
+    "cpu": dict(sizes={"small": (128, 4), "medium": (256, 4)}, batch=8,
+                seq_len={"mamba": 64, "mamba2": 512, "recurrent_gemma": 256, "jamba": 64, "qwen3_next": 512},
                 vocab_size=4096, mamba_d_state=16, mamba2_d_state=32, mamba2_head_dim=32, mamba2_chunk=64,
-                warmup=1, repeats=5),
+                head_dim=32, rg_window=2048, warmup=1, repeats=5),
 }
 
 # The optimiser both sides run: AdamW, constant learning rate, clipping at norm 1.
@@ -123,6 +129,8 @@ SEED = 0
 # 2.4x on an idle machine (docs/results/speed.md). Set for torch unless OMP_WAIT_POLICY is set
 # already; OMP_WAIT_POLICY= (empty) keeps libgomp's default.
 OMP_WAIT_POLICY = "PASSIVE"
+# pad_token_id of the RecurrentGemma and Jamba configs: no input token takes it (make_batch).
+PAD_ID = 0
 # Source lines of the trace printed (all are saved).
 TRACE_ROWS_PRINTED = 30
 
@@ -142,17 +150,43 @@ def xla_cpu_threads() -> int:
 
 
 def hf_config(arch: str, d_model: int, n_layers: int, p: dict):
-    """A transformers config of ``arch`` at this size, tied embeddings, float32."""
+    """A transformers config of ``arch`` at this size, tied embeddings, float32.
+
+    The hybrids' attention has heads of ``p["head_dim"]``; their MLPs (dense:
+    no experts) are ``2 * d_model`` wide. Jamba and Qwen3-Next put one attention
+    layer in four (1:3), RecurrentGemma one in three (its residual pattern).
+    """
     import transformers
 
-    common = dict(vocab_size=p["vocab_size"], hidden_size=d_model, num_hidden_layers=n_layers, expand=2,
-                  conv_kernel=4, tie_word_embeddings=True, use_cache=True)
+    common = dict(vocab_size=p["vocab_size"], hidden_size=d_model, num_hidden_layers=n_layers,
+                  tie_word_embeddings=True, use_cache=True)
+    heads, head_dim, width = d_model // p["head_dim"], p["head_dim"], 2 * d_model
     if arch == "mamba":
-        return transformers.MambaConfig(state_size=p["mamba_d_state"], **common)
-    inner = 2 * d_model
-    return transformers.Mamba2Config(state_size=p["mamba2_d_state"], head_dim=p["mamba2_head_dim"],
-                                     num_heads=inner // p["mamba2_head_dim"], n_groups=1,
-                                     chunk_size=p["mamba2_chunk"], **common)
+        return transformers.MambaConfig(state_size=p["mamba_d_state"], expand=2, conv_kernel=4, **common)
+    if arch == "mamba2":
+        return transformers.Mamba2Config(state_size=p["mamba2_d_state"], head_dim=p["mamba2_head_dim"],
+                                         num_heads=2 * d_model // p["mamba2_head_dim"], n_groups=1,
+                                         chunk_size=p["mamba2_chunk"], expand=2, conv_kernel=4, **common)
+    if arch == "recurrent_gemma":
+        # RecurrentGemmaMlp halves intermediate_size: each of its two branches is `width` wide.
+        return transformers.RecurrentGemmaConfig(intermediate_size=2 * width, num_attention_heads=heads,
+                                                 num_key_value_heads=1, lru_width=d_model, conv1d_width=4,
+                                                 attention_window_size=p["rg_window"],
+                                                 block_types=("recurrent", "recurrent", "attention"), **common)
+    if arch == "jamba":
+        return transformers.JambaConfig(intermediate_size=width, num_attention_heads=heads,
+                                        num_key_value_heads=max(1, heads // 2), num_experts=1, num_experts_per_tok=1,
+                                        attn_layer_period=4, attn_layer_offset=2, mamba_d_state=p["mamba_d_state"],
+                                        mamba_d_conv=4, mamba_expand=2, **common)
+    if arch == "qwen3_next":
+        return transformers.Qwen3NextConfig(
+            intermediate_size=width, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+            head_dim=head_dim, linear_conv_kernel_dim=4, linear_key_head_dim=head_dim,
+            linear_value_head_dim=head_dim, linear_num_key_heads=heads, linear_num_value_heads=heads,
+            num_experts=0, decoder_sparse_step=1, mlp_only_layers=[],
+            layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n_layers)],
+            **common)
+    raise ValueError(f"arch={arch!r}; expected one of {ARCHS}")
 
 
 @dataclasses.dataclass
@@ -186,10 +220,16 @@ def build_pair(arch: str, size: str, d_model: int, n_layers: int, p: dict) -> Pa
 
 
 def make_batch(p: dict, arch: str) -> dict[str, np.ndarray]:
-    """One fixed batch: tokens and targets ``int32 [B, T]``, every target counted, one segment per row."""
+    """One fixed batch: tokens and targets ``int32 [B, T]``, every target counted, one segment per row.
+
+    The input tokens avoid id ``PAD_ID``: RecurrentGemma's and Jamba's
+    configs make it the padding id, and torch's ``nn.Embedding(padding_idx=0)``
+    then gives that row no gradient from the lookup, a rule effarch's
+    embedding does not have (a real pad token is masked out of the loss).
+    """
     rng = np.random.default_rng(SEED)
     shape = (p["batch"], p["seq_len"][arch])
-    return {"tokens": rng.integers(0, p["vocab_size"], shape, dtype=np.int32),
+    return {"tokens": rng.integers(PAD_ID + 1, p["vocab_size"], shape, dtype=np.int32),
             "targets": rng.integers(0, p["vocab_size"], shape, dtype=np.int32),
             "loss_mask": np.ones(shape, np.float32), "segment_ids": np.zeros(shape, np.int32)}
 
