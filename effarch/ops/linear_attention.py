@@ -45,6 +45,11 @@ OP = "linear_attention"
 IMPLEMENTATIONS = ("auto", "recurrent", "quadratic", "chunked", "pallas")
 # Sub-chunk length for per-key-channel decay inside a chunk (see _intra_per_channel).
 SUBCHUNK = 16
+# The longest chunk "auto" runs on CPU for a scalar (or no) decay: the chunk length changes only the
+# order of summation, and on CPU C = 32 was the fastest of 16 ... 256 forward + backward at Mamba-2's
+# shapes (29-32% faster than C = 64; docs/results/speed.md). An explicit implementation="chunked"
+# keeps the caller's chunk_size.
+CPU_CHUNK_SIZE = 32
 
 
 def linear_attention(
@@ -75,7 +80,8 @@ def linear_attention(
       return_final_state: also return the state after the last step.
       segment_ids: ``[B,T]`` integers for packed sequences: the state restarts
         from zero wherever the id changes from the previous step.
-      chunk_size: chunk length ``C`` of the chunked form (any ``T`` works).
+      chunk_size: chunk length ``C`` of the chunked form (any ``T`` works);
+        ``"auto"`` on CPU caps it at ``CPU_CHUNK_SIZE`` for a scalar decay.
       implementation: ``"auto"``, ``"recurrent"``, ``"quadratic"``,
         ``"chunked"`` or ``"pallas"`` (kernels; interpreted on CPU).
 
@@ -91,6 +97,8 @@ def linear_attention(
     choice = _common.resolve_forms(OP, implementation, IMPLEMENTATIONS)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if implementation == "auto" and _common.platform() == "cpu" and (log_decay is None or log_decay.ndim == 3):
+        chunk_size = min(chunk_size, CPU_CHUNK_SIZE)
 
     def form(name):  # a function of the arrays, scale and chunk_size bound
         if name == "pallas":
