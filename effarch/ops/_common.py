@@ -70,7 +70,7 @@ class Choice(NamedTuple):
 # (docs/results/auto_policy/). Every CPU entry is backed by a row there.
 CPU_POLICY: dict[str, Choice] = {
     "linear_scan": Choice(forward="recurrent", training="recurrent"),
-    "selective_scan": Choice(forward="chunked", training="chunked"),
+    "selective_scan": Choice(forward="recurrent", training="chunked"),
     "linear_attention": Choice(forward="recurrent", training="chunked"),
     "delta_rule": Choice(forward="recurrent", training="chunked"),
     "generalized_delta_rule": Choice(forward="recurrent", training="chunked"),

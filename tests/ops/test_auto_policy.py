@@ -25,7 +25,7 @@ DESIGN = pathlib.Path(__file__).resolve().parents[2] / "docs" / "design.md"
 # The table of docs/design.md §3: op -> platform -> (forward only, training).
 POLICY = {
     "linear_scan": {"cpu": ("recurrent", "recurrent")},
-    "selective_scan": {"cpu": ("chunked", "chunked")},
+    "selective_scan": {"cpu": ("recurrent", "chunked")},
     "linear_attention": {"cpu": ("recurrent", "chunked")},
     "delta_rule": {"cpu": ("recurrent", "chunked")},
     "generalized_delta_rule": {"cpu": ("recurrent", "chunked")},

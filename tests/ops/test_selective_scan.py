@@ -174,7 +174,7 @@ def test_bad_inputs_raise_value_error(name):
 
 def test_auto_resolves_by_the_policy_table():
     """docs/design.md §3; GPU/TPU keep the XLA chunked form while no kernel is verified there."""
-    assert _common.auto_policy(OP, "cpu") == _common.Choice("chunked", "chunked")
+    assert _common.auto_policy(OP, "cpu") == _common.Choice("recurrent", "chunked")
     assert _common.auto_policy(OP, "gpu") == _common.auto_policy(OP, "tpu") == ("chunked", "chunked")
     assert resolve("auto") == _common.auto_policy(OP, jax.default_backend())
     assert resolve("chunked") == ("chunked", "chunked")
@@ -188,8 +188,8 @@ def test_unsupported_implementation_raises_not_implemented():
 def test_cpu_training_is_recurrent_while_the_saved_states_are_small(monkeypatch):
     """docs/design.md §3: the size rule changes only "auto" on CPU, only the training form."""
     monkeypatch.setattr(_common, "platform", lambda: "cpu")
-    assert resolve("auto", RECURRENT_TRAINING_MAX_BYTES) == ("chunked", "recurrent")
-    assert resolve("auto", RECURRENT_TRAINING_MAX_BYTES + 1) == ("chunked", "chunked")
+    assert resolve("auto", RECURRENT_TRAINING_MAX_BYTES) == ("recurrent", "recurrent")
+    assert resolve("auto", RECURRENT_TRAINING_MAX_BYTES + 1) == ("recurrent", "chunked")
     assert resolve("chunked", 1) == ("chunked", "chunked")
     monkeypatch.setattr(_common, "platform", lambda: "gpu")
     assert resolve("auto", 1) == ("chunked", "chunked")
