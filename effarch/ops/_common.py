@@ -177,15 +177,7 @@ def segsum(x: jax.Array) -> jax.Array:
     t = x.shape[-1]
     rep = jnp.broadcast_to(x[..., :, None], (*x.shape[:-1], t, t))  # [..., r, s] = x[r]
     strictly_lower = jnp.tril(jnp.ones((t, t), bool), -1)  # r > s
-    # out[t, s] = sum_{r=s+1..t} x[r]: the sum over r <= t of x[r] masked to r > s.
-    masked = jnp.where(strictly_lower, rep, 0.0)
+    # out[t, s] = sum_{r=s+1..t} x[r]: cumsum over r of x[r] masked to r > s.
+    out = jnp.cumsum(jnp.where(strictly_lower, rep, 0.0), axis=-2)  # [..., t, s]
     lower = jnp.tril(jnp.ones((t, t), bool))
-    if platform() == "cpu":
-        # The same sums as one batched matmul by the lower-triangular ones (r <= t): on CPU, XLA
-        # lowers the cumsum to a blocked reduce-window, 1.5-1.9x slower forward + backward at
-        # Mamba-2's [B,M,H,C,C] (docs/results/speed.md, "Session 7"). HIGHEST: no reduced-precision
-        # passes (the entries are large log decays).
-        out = jnp.einsum("tr,...rs->...ts", lower.astype(x.dtype), masked, precision=jax.lax.Precision.HIGHEST)
-    else:
-        out = jnp.cumsum(masked, axis=-2)  # [..., t, s]
     return jnp.where(lower, out, MASKED_LOG)
