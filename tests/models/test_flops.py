@@ -21,7 +21,9 @@ from effarch.models.flops import flops_breakdown, flops_per_token, param_counts
 
 # analytic / XLA must lie in [LOW, 1 + slack]: XLA counts elementwise work on top.
 XLA_LOW, XLA_HIGH = 0.85, 1.02
-ATTENTION = ("attention", {"num_heads": 4})
+# The loop-free form: "auto" on CPU runs the chunked (online-softmax) form from 64 queries on, a
+# scan over key blocks whose body XLA's cost analysis counts once, like the delta rules' loop.
+ATTENTION = ("attention", {"num_heads": 4, "implementation": "xla"})
 # The analytic core is the chunked form's count; "auto" runs the recurrent form on a CPU forward.
 MAMBA2 = ("mamba2", {"d_state": 16, "head_dim": 16, "chunk_size": 64, "implementation": "chunked"})
 
