@@ -1,6 +1,6 @@
 """effarch against the PyTorch reference (transformers) on CPU: same model, same weights, same process.
 
-    python benchmarks/peer_train.py --preset cpu                    # ~8 min on 2 cores
+    python benchmarks/peer_train.py --preset cpu                    # ~4 min on 2 cores (20 rows)
     python benchmarks/peer_train.py --preset cpu --profile --trace  # and ~12 min more: effarch's time
     OMP_WAIT_POLICY= python benchmarks/peer_train.py --preset cpu   # torch with libgomp's default wait
     python benchmarks/peer_train.py --preset smoke --out /tmp/x.json
