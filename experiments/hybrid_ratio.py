@@ -124,8 +124,8 @@ PRESETS = {
     # steps, so MQAR's own recipe (experiments/mqar.py: 16 pairs in 64 tokens, vocabulary 256, batch
     # 64, early stop at 99%) on 4 layers of width 64, where the fractions are 0, 1/4 (1:3, the
     # anchors' threshold), 1/2 and 1, the attention layers spread evenly. 1,000 steps: a Mamba-2
-    # step takes 1.2-1.7 s here (two learning rates, load 2-3), so the four cells fit about 45
-    # minutes; the placements at 1/4 (--placements even,first,middle) add about 15 minutes each.
+    # step took 1.2-3 s here (two learning rates, load 2-4); the four cells took 115 minutes on the
+    # shared machine (docs/results/hybrid_ratio.md); each placement at 1/4 adds about 25.
     "cpu_recall": Preset(
         n_layers=4, d_model=64, d_ff=128, num_heads=2,
         recurrent_options={"d_state": 16, "head_dim": 16, "chunk_size": 64},

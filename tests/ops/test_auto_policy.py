@@ -157,3 +157,35 @@ def test_each_use_traces_only_its_form(monkeypatch):
     traced.clear()
     jax.jit(jax.grad(lambda a: jnp.sum(fn("auto", **a)[0])))(arrays)
     assert traced == [choice.training]
+
+
+# docs/design.md §3, the CPU block and chunk sizes: "auto" runs exactly the form it names.
+cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU rule of 'auto'")
+
+
+@cpu_only
+def test_cpu_attention_from_64_queries_is_the_chunked_form_in_blocks_of_64():
+    from effarch.ops.attention import CPU_BLOCK
+    a = _arrays(1, q=(1, 2 * CPU_BLOCK + 5, 2, 8), k=(1, 2 * CPU_BLOCK + 5, 1, 8), v=(1, 2 * CPU_BLOCK + 5, 1, 8))
+    auto = ops.attention(a["q"], a["k"], a["v"], chunk_size=256)
+    np.testing.assert_array_equal(auto, ops.attention(a["q"], a["k"], a["v"], chunk_size=CPU_BLOCK,
+                                                      implementation="chunked"))
+    short = _arrays(2, q=(1, CPU_BLOCK - 1, 2, 8), k=(1, CPU_BLOCK - 1, 1, 8), v=(1, CPU_BLOCK - 1, 1, 8))
+    np.testing.assert_array_equal(ops.attention(short["q"], short["k"], short["v"]),
+                                  ops.attention(short["q"], short["k"], short["v"], implementation="xla"))
+
+
+@cpu_only
+def test_cpu_linear_attention_trains_in_chunks_of_at_most_32():
+    from effarch.ops.linear_attention import CPU_CHUNK_SIZE
+    a = _arrays(3, q=(1, 100, 2, 4), k=(1, 100, 2, 4), v=(1, 100, 2, 3), g=(1, 100, 2))
+
+    def grads(implementation, chunk_size):
+        def loss(x):
+            o, _ = ops.linear_attention(x["q"], x["k"], x["v"], -jax.nn.softplus(x["g"]),
+                                        chunk_size=chunk_size, implementation=implementation)
+            return jnp.sum(jnp.cos(o))
+        return jax.jit(jax.grad(loss))(a)
+
+    for got, want in zip(jax.tree.leaves(grads("auto", 64)), jax.tree.leaves(grads("chunked", CPU_CHUNK_SIZE))):
+        np.testing.assert_array_equal(got, want)
