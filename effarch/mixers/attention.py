@@ -1,4 +1,4 @@
-"""Causal softmax attention: MHA, GQA, MQA, sliding window, QK-norm, softcap, output gate.
+"""Causal softmax attention: MHA, GQA, MQA, sliding window, QK-norm, softcap, output gate, q/k/v convs.
 
 The unbounded-state limit of the one recurrence (docs/design.md §1): the
 "state" is the KV cache. ``num_kv_heads`` picks MHA (= num_heads), GQA or MQA
@@ -8,6 +8,11 @@ optional RMS QK-norm (Dehghani et al., 2023) and a tanh logit softcap
 most recent keys, itself included (Longformer / Mistral style).
 ``output_gate`` multiplies each head's output by ``sigmoid(W_g x)`` before the
 output projection (gated attention; Qiu et al., 2025, as in Qwen3-Next).
+``qkv_conv_size`` puts a causal depthwise convolution after each of the q, k
+and v projections (Primer's multi-dconv-head attention; So et al., 2021): each
+key then carries its few predecessors, the short convolution that the
+recurrent mixers have in front and that lets one layer form an induction head
+(what associative recall needs).
 
 The decode cache holds the last ``L`` keys and values, ``L = window`` for local
 attention (memory O(window)) and ``L = max_len`` otherwise, in a ring buffer:
@@ -33,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from effarch import ops
+from effarch.layers.conv import init_conv_state
 from effarch.layers.norms import RMSNorm
 from effarch.layers.rotary import apply_rotary, rotary_dim, token_positions
 from effarch.mixers import _recurrence as rec
@@ -60,6 +66,9 @@ class AttentionConfig(MixerConfig):
       out_bias: a bias on the output projection (RecurrentGemma has one).
       output_gate: gate every output channel by ``sigmoid(W_g x)`` (its own
         projection ``g_proj``, with a bias when ``use_bias``).
+      qkv_conv_size: taps of a causal depthwise convolution (no bias, no
+        activation) after each of the q, k, v projections, per channel, before
+        QK-norm and rotary (None: off; Primer uses 3).
       chunk_size: block length of the ``"chunked"`` implementation.
     """
 
@@ -68,6 +77,7 @@ class AttentionConfig(MixerConfig):
         "tiny": {"num_heads": 4, "num_kv_heads": 2, "chunk_size": 8},
         "tiny_local": {"num_heads": 4, "num_kv_heads": 1, "window": 8, "qk_norm": True,
                        "softcap": 30.0, "chunk_size": 8},
+        "tiny_conv": {"num_heads": 4, "num_kv_heads": 2, "qkv_conv_size": 3, "chunk_size": 8},
         "gqa": {"num_heads": 16, "num_kv_heads": 4},
     }
 
@@ -84,6 +94,7 @@ class AttentionConfig(MixerConfig):
     use_bias: bool = False
     out_bias: bool = False
     output_gate: bool = False
+    qkv_conv_size: int | None = None
     chunk_size: int = 256
 
     def __post_init__(self):
@@ -103,6 +114,8 @@ class AttentionConfig(MixerConfig):
             raise ValueError(f"attention: softcap={self.softcap}; expected > 0 or None.")
         if self.chunk_size < 1:
             raise ValueError(f"attention: chunk_size={self.chunk_size}; expected >= 1.")
+        if self.qkv_conv_size is not None and self.qkv_conv_size < 1:
+            raise ValueError(f"attention: qkv_conv_size={self.qkv_conv_size}; expected >= 1 or None.")
         if not self.qk_norm_eps > 0:
             raise ValueError(f"attention: qk_norm_eps={self.qk_norm_eps}; expected > 0.")
 
@@ -122,11 +135,14 @@ class KVCache(NamedTuple):
       k: ``[B,L,Hkv,K]`` rotated keys, ``L = min(window, max_len)`` or ``max_len``.
       v: ``[B,L,Hkv,K]`` values.
       position: ``[]`` int32, tokens seen so far.
+      conv: with ``qkv_conv_size``, the q, k, v convolutions' windows
+        ``[B,W-1,width]`` (the projections of the last ``W-1`` tokens); else ``()``.
     """
 
     k: jax.Array
     v: jax.Array
     position: jax.Array
+    conv: tuple[jax.Array, ...] = ()
 
 
 @register("attention", AttentionConfig)
@@ -139,7 +155,12 @@ class Attention(Mixer):
         cfg = self.config
         length = max_len if cfg.window is None else min(cfg.window, max_len)
         shape = (batch_size, length, cfg.kv_heads, cfg.dim_per_head)
-        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), position=jnp.zeros((), jnp.int32))
+        conv = ()
+        if cfg.qkv_conv_size is not None:
+            widths = (cfg.num_heads * cfg.dim_per_head, *(2 * (cfg.kv_heads * cfg.dim_per_head,)))
+            conv = tuple(init_conv_state(batch_size, cfg.qkv_conv_size, w, dtype) for w in widths)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), position=jnp.zeros((), jnp.int32),
+                       conv=conv)
 
     @nn.compact
     def __call__(self, x, cache=None, *, segment_ids=None):
@@ -148,9 +169,15 @@ class Attention(Mixer):
         h, hkv, dh = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         x = x.astype(cfg.dtype)
         t = x.shape[1]
-        q = rec.split_heads(self.proj(h * dh, "q_proj", use_bias=cfg.use_bias)(x), h)  # [B,T,H,K]
-        k = rec.split_heads(self.proj(hkv * dh, "k_proj", use_bias=cfg.use_bias)(x), hkv)  # [B,T,Hkv,K]
-        v = rec.split_heads(self.proj(hkv * dh, "v_proj", use_bias=cfg.use_bias)(x), hkv)
+        streams = {name: self.proj(width, f"{name}_proj", use_bias=cfg.use_bias)(x)
+                   for name, width in (("q", h * dh), ("k", hkv * dh), ("v", hkv * dh))}
+        conv_states = ()
+        if cfg.qkv_conv_size is not None:
+            streams, conv_states = rec.short_convs(streams, kernel_size=cfg.qkv_conv_size, cache=cache,
+                                                   segment_ids=segment_ids, dtype=cfg.dtype,
+                                                   param_dtype=cfg.param_dtype, activation="none")
+        q = rec.split_heads(streams["q"], h)  # [B,T,H,K]
+        k, v = rec.split_heads(streams["k"], hkv), rec.split_heads(streams["v"], hkv)  # [B,T,Hkv,K]
         if cfg.qk_norm:
             norm = dict(eps=cfg.qk_norm_eps, zero_centered=cfg.qk_norm_zero_centered, dtype=cfg.dtype,
                         param_dtype=cfg.param_dtype)
@@ -173,6 +200,8 @@ class Attention(Mixer):
             o, cache = self.decode_step(q, k, v, cache)
         else:
             o, cache = self.extend(q, k, v, cache, attend)
+        if cache is not None:
+            cache = cache._replace(conv=conv_states)
         o = rec.merge_heads(o)  # [B,T,H*K]
         if cfg.output_gate:
             o = o * jax.nn.sigmoid(self.proj(h * dh, "g_proj", use_bias=cfg.use_bias)(x)).astype(o.dtype)

@@ -1,4 +1,4 @@
-"""Attention mixer: GQA/MQA head mapping, windows, softcap, cache size, option checks."""
+"""Attention mixer: GQA/MQA head mapping, windows, softcap, q/k/v convolutions, cache size, option checks."""
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,41 @@ def test_zero_centered_qk_norm_is_a_reparametrisation():
     assert_relative_close(_apply(zero, params), _apply(plain, shifted), name="(1 + scale)")
 
 
+def _with_taps(params, taps):
+    """``params`` with every q/k/v convolution's kernel ``[W, width]`` set to ``taps`` (oldest first) per channel."""
+    p = dict(params["params"])
+    for name in ("conv_q", "conv_k", "conv_v"):
+        width = p[name]["kernel"].shape[1]
+        p[name] = {"kernel": jnp.tile(jnp.asarray(taps, jnp.float32)[:, None], (1, width))}
+    return {"params": p}
+
+
+def test_qkv_conv_with_identity_taps_is_plain_attention():
+    conv = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2, qkv_conv_size=3)
+    plain = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2)
+    params = conv.init(jax.random.PRNGKey(1), X)
+    assert params["params"]["conv_q"]["kernel"].shape == (3, 16) and params["params"]["conv_k"]["kernel"].shape == (3, 8)
+    projections = {"params": {k: v for k, v in params["params"].items() if not k.startswith("conv_")}}
+    assert_relative_close(_apply(conv, _with_taps(params, [0.0, 0.0, 1.0])), _apply(plain, projections),
+                          name="identity taps")
+
+
+def test_qkv_conv_mixes_each_projection_with_its_predecessors():
+    """Taps (1, 0.5, 0.25) on q, k, v: the same as plain attention over x_t + 0.5 x_{t-1} + 0.25 x_{t-2}.
+
+    The projections are linear without bias, so convolving their outputs equals
+    projecting the convolved input; the first tokens see zeros before the sequence.
+    """
+    conv = mixers.build("attention", d_model=D, num_heads=2, qkv_conv_size=3)
+    plain = mixers.build("attention", d_model=D, num_heads=2)
+    params = conv.init(jax.random.PRNGKey(1), X)
+    projections = {"params": {k: v for k, v in params["params"].items() if not k.startswith("conv_")}}
+    shifted = lambda n: jnp.pad(X, ((0, 0), (n, 0), (0, 0)))[:, : X.shape[1]]
+    mixed = X + 0.5 * shifted(1) + 0.25 * shifted(2)
+    assert_relative_close(_apply(conv, _with_taps(params, [0.25, 0.5, 1.0])), _apply(plain, projections, mixed),
+                          name="taps (0.25, 0.5, 1) oldest first")
+
+
 def test_local_attention_cache_is_the_window():
     local = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2, window=8)
     cache = local.init_cache(3, 10_000, jnp.bfloat16)
@@ -86,8 +121,9 @@ def test_local_attention_cache_is_the_window():
     [({"num_heads": 4, "num_kv_heads": 3}, "num_kv_heads=3 must divide num_heads=4"),
      ({"num_heads": 3}, "num_heads=3 must divide d_model=16"),
      ({"window": 0}, "window=0"),
-     ({"softcap": -1.0}, "softcap=-1.0")],
-    ids=["kv_heads", "heads", "window", "softcap"])
+     ({"softcap": -1.0}, "softcap=-1.0"),
+     ({"qkv_conv_size": 0}, "qkv_conv_size=0")],
+    ids=["kv_heads", "heads", "window", "softcap", "qkv_conv"])
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         mixers.build("attention", d_model=D, **options)
