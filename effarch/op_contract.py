@@ -97,12 +97,16 @@ def check_linear_attention_inputs(q, k, v, log_decay, initial_state, segment_ids
     """
     op = "linear_attention"
     dims: dict[str, int] = {}
-    check_dims(op, dims, q=(q, "BTHK"), k=(k, "BTHK"), v=(v, "BTHV"),
+    check_dims(op, dims, q=(q, "BTGK"), k=(k, "BTGK"), v=(v, "BTHV"),
                initial_state=(initial_state, "BHKV"))
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{op}: {describe(name, x)}; expected a floating dtype.")
-    b, t, h, kd = q.shape
+    b, t, g, kd = q.shape
+    h = v.shape[2]
+    if h % g:
+        raise ValueError(f"{op}: q and k have {g} heads, v has {h}; the query/key heads (groups) must divide "
+                         f"the value heads (q {tuple(q.shape)}, v {tuple(v.shape)}).")
     check_segment_ids(segment_ids, b, t)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size={chunk_size!r}; expected a positive int.")
@@ -113,7 +117,7 @@ def check_linear_attention_inputs(q, k, v, log_decay, initial_state, segment_ids
         raise ValueError(
             f"{op}: {describe('log_decay', log_decay)} fits no decay form; "
             f"expected None, [H]=({h},), [B,T,H]=({b}, {t}, {h}) or "
-            f"[B,T,H,K]=({b}, {t}, {h}, {kd}) for q {tuple(q.shape)}.")
+            f"[B,T,H,K]=({b}, {t}, {h}, {kd}) for q {tuple(q.shape)} and v {tuple(v.shape)}.")
     log_decay = log_decay.astype(jnp.float32)
     if log_decay.ndim == 1:
         log_decay = jnp.broadcast_to(log_decay, (b, t, h))

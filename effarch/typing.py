@@ -24,6 +24,9 @@ ArrayLike = Union[jax.Array, np.ndarray]
 # Inputs of the one recurrence (docs/design.md §1).
 Queries = Float[Array, "B T H K"]
 Keys = Float[Array, "B T H K"]
+# linear_attention's q and k may have G heads (groups), each shared by H / G value heads.
+GroupedQueries = Float[Array, "B T G K"]
+GroupedKeys = Float[Array, "B T G K"]
 Values = Float[Array, "B T H V"]
 State = Float[Array, "B H K V"]
 LogDecay = Union[
@@ -44,7 +47,7 @@ Mask = Bool[Array, "B T"]
 
 __all__ = [
     "Activations", "Array", "ArrayLike", "Bool", "Channels", "ChannelState",
-    "DType", "Float", "Int", "Keys", "LogDecay", "Logits", "Mask",
+    "DType", "Float", "GroupedKeys", "GroupedQueries", "Int", "Keys", "LogDecay", "Logits", "Mask",
     "PRNGKeyArray", "PyTree", "Queries", "SSMState", "SegmentIds", "Shape",
     "State", "Tokens", "Values",
 ]

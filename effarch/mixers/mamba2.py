@@ -136,12 +136,10 @@ class Mamba2(Mixer):
         dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))  # [B,T,H]
         a = -jnp.exp(self.param("A_log", log_uniform_a(*cfg.a_init_range), (h,), cfg.param_dtype)
                      .astype(jnp.float32))  # [H]
-        heads_per_group = h // g
-        q = jnp.repeat(c_out, heads_per_group, axis=2)  # [B,T,H,N]
-        k = jnp.repeat(b_in, heads_per_group, axis=2)
         v = (u.astype(jnp.float32) * dt[..., None]).astype(cfg.dtype)  # [B,T,H,P]
+        # C and B by group (ops.linear_attention shares each among the group's H / G heads).
         y, cache = rec.run_linear_attention(
-            q, k, v, dt * a, cache=cache, conv_states=(conv_state,) if cache is not None else None,
+            c_out, b_in, v, dt * a, cache=cache, conv_states=(conv_state,) if cache is not None else None,
             segment_ids=segment_ids, scale=1.0, chunk_size=cfg.chunk_size, implementation=cfg.implementation)
         d_skip = self.param("D", nn.initializers.ones, (h,), cfg.param_dtype)
         y = y.astype(jnp.float32) + u.astype(jnp.float32) * d_skip.astype(jnp.float32)[:, None]

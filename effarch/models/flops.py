@@ -19,10 +19,11 @@ FLOPs" convention of scaling-law work (Kaplan et al. 2020; Hoffmann et al.
     halved away: the ``"xla"`` form, which ``"auto"`` takes at these lengths,
     computes the full ``T x T`` scores (as Chinchilla's count does).
   - Mamba-2 (SSD, the chunked form with chunk ``C``), per head with state
-    ``N x P``: intra-chunk ``C K^T`` scores ``2 C N`` and their product with
-    ``X`` ``2 C P``, the chunk's state contribution ``2 N P`` and the read of the
-    entering state ``2 N P``: ``2C(N + P) + 4NP``; plus the short convolution
-    over ``xBC``.
+    ``N x P``: the scores' product with ``X`` ``2 C P``, the chunk's state
+    contribution ``2 N P`` and the read of the entering state ``2 N P``, and
+    per group (``ngroups`` G, B and C shared by its heads) the intra-chunk
+    ``C B^T`` scores ``2 C N``: ``H (2CP + 4NP) + G 2CN``; plus the short
+    convolution over ``xBC``.
   - (Gated) DeltaNet (the chunked WY form), per head with key width ``K`` and
     value width ``V``: ``K K^T`` and ``Q K^T`` (``2CK`` each), the unit
     lower-triangular solve for ``[U | W]`` (``2C(K + V)``, forward
@@ -82,7 +83,7 @@ def _mamba2(cfg: Mamba2Config, t: int) -> dict[str, float]:
     d, di, n, g, h, p = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.ngroups, cfg.num_heads, cfg.head_dim
     proj = 2 * d * (2 * di + 2 * g * n + h) + 2 * di * d
     c, pad = _padded(t, cfg.chunk_size)
-    core = pad * h * (2 * c * (n + p) + 4 * n * p)
+    core = pad * (h * (2 * c * p + 4 * n * p) + g * 2 * c * n)
     return {"projections": proj, "core": core, "conv": pad * 2 * cfg.d_conv * cfg.conv_dim}
 
 

@@ -38,7 +38,7 @@ from effarch.op_contract import (
     segment_starts,
 )
 from effarch.ops import _common
-from effarch.typing import Keys, LogDecay, Queries, SegmentIds, State, Values
+from effarch.typing import GroupedKeys, GroupedQueries, LogDecay, SegmentIds, State, Values
 from pallas_kernels import chunked_linear_attention as kernel
 
 OP = "linear_attention"
@@ -53,8 +53,8 @@ CPU_CHUNK_SIZE = 32
 
 
 def linear_attention(
-    q: Queries,
-    k: Keys,
+    q: GroupedQueries,
+    k: GroupedKeys,
     v: Values,
     log_decay: LogDecay | None = None,
     *,
@@ -68,8 +68,11 @@ def linear_attention(
     """Gated linear attention: ``S_t = exp(log_decay_t) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``.
 
     Args:
-      q: queries ``[B,T,H,K]``.
-      k: keys ``[B,T,H,K]``.
+      q: queries ``[B,T,H,K]``, or ``[B,T,G,K]`` with ``G`` dividing ``H``:
+        each query/key head then serves ``H / G`` consecutive value heads
+        (Mamba-2's ``ngroups``: B and C shared by the heads of a group; the
+        chunked form computes their ``Q K^T`` once per group).
+      k: keys, the shape of ``q``.
       v: values ``[B,T,H,V]``.
       log_decay: ``None`` (no decay: ``a = 1``), ``[H]`` (constant per head:
         RetNet), ``[B,T,H]`` (scalar per step: Mamba-2, mLSTM) or ``[B,T,H,K]``
@@ -103,12 +106,14 @@ def linear_attention(
     def form(name):  # a function of the arrays, scale and chunk_size bound
         if name == "pallas":
             return lambda q, k, v, g, s0, ids: kernel.chunked_linear_attention(
-                q, k, v, g, scale=scale, initial_state=s0, return_final_state=True,
+                *expand_groups(q, k, v), v, g, scale=scale, initial_state=s0, return_final_state=True,
                 segment_ids=ids, chunk_size=chunk_size)
         fn = {"recurrent": recurrent, "quadratic": quadratic, "chunked": chunked}[name]
         kwargs = {"chunk_size": chunk_size} if name == "chunked" else {}
 
         def run(q, k, v, g, s0, ids):
+            if name != "chunked" or (g is not None and g.ndim == 4):  # only these take q, k by group
+                q, k = expand_groups(q, k, v)
             o, state = fn(q, k, v, g, scale=scale, initial_state=s0, segment_ids=ids, **kwargs)
             return o.astype(v.dtype), state
 
@@ -116,6 +121,14 @@ def linear_attention(
 
     o, state = _common.run_forms(choice, form, q, k, v, log_decay, initial_state, segment_ids)
     return o, (state if return_final_state else None)
+
+
+def expand_groups(q, k, v):
+    """``q, k [B,T,G,K] -> [B,T,H,K]`` (each group repeated for its ``H / G`` value heads of ``v``)."""
+    repeats = v.shape[2] // q.shape[2]
+    if repeats == 1:
+        return q, k
+    return jnp.repeat(q, repeats, axis=2), jnp.repeat(k, repeats, axis=2)
 
 
 def _f32(*xs):
@@ -207,9 +220,66 @@ def chunked(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, 
     """Quadratic inside chunks of ``chunk_size`` steps, recurrent across them.
 
     Args and returns as :func:`recurrent`; any ``T`` (padded internally).
+    With no decay or a scalar one, ``q`` and ``k`` may have ``G`` heads each
+    shared by ``H / G`` value heads (:func:`linear_attention`): their scores
+    are computed once per group, and the scalar decays are applied to the
+    values and outputs instead, so nothing is repeated per head. A per-channel
+    decay needs ``q, k`` with ``H`` heads (:func:`expand_groups`).
     Memory is ``O(B H T C)`` for the intra-chunk scores plus ``O(B H K V T / C)``
     for the states entering each chunk (kept for the backward pass).
     """
+    if log_decay is not None and log_decay.ndim == 4:
+        return _chunked_per_channel(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+                                    segment_ids=segment_ids, chunk_size=chunk_size)
+    q, k, v = _f32(q, k, v)
+    b, t, g, kd = q.shape
+    h, vd = v.shape[2:]
+    r = h // g  # value heads per group
+    c = min(chunk_size, t)
+    n = -(-t // c)  # number of chunks
+    pad = lambda x: pad_to_multiple(x, c, axis=1)
+    to_chunks = lambda x: x.reshape(b, n, c, *x.shape[2:])
+    qc, kc = to_chunks(pad(q)), to_chunks(pad(k))  # [B,M,C,G,K]
+    vc = to_chunks(pad(v)).reshape(b, n, c, g, r, vd)  # [B,M,C,G,R,V]
+    segments = chunk_segments(segment_ids, b, t, c)
+    same = segments.same_segment & jnp.tril(jnp.ones((c, c), bool))  # [B,M,C,C]
+    masked = lambda cond, x: jnp.where(cond, x, MASKED_LOG)
+
+    scores = jnp.einsum("bmtgk,bmsgk->bmgts", qc, kc)  # [B,M,G,C,C], once per group
+    if log_decay is None:
+        cum = jnp.zeros((b, n, c, g, r), jnp.float32)
+        weights = jnp.broadcast_to(same[:, :, None, None], (b, n, g, r, c, c)).astype(jnp.float32)
+    else:
+        decay = to_chunks(pad(log_decay)).reshape(b, n, c, g, r)  # [B,M,C,G,R]
+        cum = jnp.cumsum(decay, axis=2)  # inclusive log decay from the chunk start
+        seg = _common.segsum(jnp.moveaxis(decay, 2, -1))  # [B,M,G,R,C,C]
+        weights = jnp.exp(masked(same[:, :, None, None], seg))
+    o_intra = jnp.einsum("bmgrts,bmsgrv->bmtgrv", scores[:, :, :, None] * weights, vc)
+
+    cum_end = cum[:, :, -1]  # [B,M,G,R]
+    # Scalar decays commute with the contractions over K: since the chunk start on the output,
+    # to the chunk end on the values.
+    q_decay = jnp.exp(masked(segments.sees_entry[..., None, None], cum))  # [B,M,C,G,R]
+    v_out = vc * jnp.exp(masked(segments.reaches_exit[..., None, None], cum_end[:, :, None] - cum))[..., None]
+    chunk_decay = jnp.exp(masked(segments.carries[..., None, None], cum_end))  # [B,M,G,R]
+    contribution = jnp.einsum("bmsgk,bmsgrv->bmgrkv", kc, v_out)  # [B,M,G,R,K,V]
+
+    def step(state, inputs):
+        decay, contrib = inputs  # [B,G,R], [B,G,R,K,V]
+        return state * decay[..., None, None] + contrib, state
+
+    state = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None
+             else initial_state.astype(jnp.float32)).reshape(b, g, r, kd, vd)
+    state, entering = jax.lax.scan(
+        step, state, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(contribution, 1, 0)))
+    entering = jnp.moveaxis(entering, 0, 1)  # [B,M,G,R,K,V]: the state entering each chunk
+    o_inter = jnp.einsum("bmtgk,bmgrkv->bmtgrv", qc, entering) * q_decay[..., None]
+    o = scale * (o_intra + o_inter).reshape(b, n * c, h, vd)[:, :t]
+    return o, state.reshape(b, h, kd, vd)
+
+
+def _chunked_per_channel(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, chunk_size=64):
+    """:func:`chunked` for a per-key-channel decay ``[B,T,H,K]`` (``q, k`` with ``H`` heads)."""
     q, k, v = _f32(q, k, v)
     b, t, h, kd = q.shape
     vd = v.shape[-1]
@@ -225,29 +295,19 @@ def chunked(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, 
     carry = segments.carries[..., None, None]  # [B,M,1,1]: entering state reaches the end
 
     masked = lambda cond, x: jnp.where(cond, x, MASKED_LOG)
-    if log_decay is None:
-        scores = jnp.einsum("bmthk,bmshk->bmhts", qc, kc) * same[:, :, None]
-        cum = jnp.zeros((b, n, c, h, 1), jnp.float32)
-    else:
-        g = to_chunks(pad(log_decay))  # [B,M,C,H] or [B,M,C,H,K]
-        cum = jnp.cumsum(g, axis=2)  # inclusive log decay from the chunk start
-        if g.ndim == 4:
-            seg = _common.segsum(jnp.moveaxis(g, 2, 3))  # [B,M,H,C,C]
-            weights = jnp.exp(masked(same[:, :, None], seg))
-            scores = jnp.einsum("bmthk,bmshk->bmhts", qc, kc) * weights
-            cum = cum[..., None]  # [B,M,C,H,1]: one decay for every key channel
-        else:
-            scores = _intra_per_channel(qc, kc, g, cum, same)
+    g = to_chunks(pad(log_decay))  # [B,M,C,H,K]
+    cum = jnp.cumsum(g, axis=2)  # inclusive log decay from the chunk start
+    scores = _intra_per_channel(qc, kc, g, cum, same)
     o_intra = jnp.einsum("bmhts,bmshv->bmthv", scores, vc)
 
-    cum_end = cum[:, :, -1]  # [B,M,H,Kd], Kd = 1 or K
+    cum_end = cum[:, :, -1]  # [B,M,H,K]
     q_in = qc * jnp.exp(masked(reach_q, cum))  # [B,M,C,H,K]: decay since the chunk start
     k_out = kc * jnp.exp(masked(reach_k, cum_end[:, :, None] - cum))  # decay to the chunk end
-    chunk_decay = jnp.exp(masked(carry, cum_end))  # [B,M,H,Kd]
+    chunk_decay = jnp.exp(masked(carry, cum_end))  # [B,M,H,K]
     contribution = jnp.einsum("bmshk,bmshv->bmhkv", k_out, vc)  # [B,M,H,K,V]
 
     def step(state, inputs):
-        decay, contrib = inputs  # [B,H,Kd], [B,H,K,V]
+        decay, contrib = inputs  # [B,H,K], [B,H,K,V]
         return state * decay[..., None] + contrib, state
 
     state = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None

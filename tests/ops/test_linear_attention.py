@@ -188,6 +188,41 @@ def test_jit_and_vmap():
     assert_relative_close((batched[0][:, 0], batched[1][:, 0]), ref)
 
 
+@pytest.mark.parametrize("decay", ("none", "head", "scalar", "channel"))
+@pytest.mark.parametrize("groups", (1, 2))
+def test_grouped_queries_and_keys_equal_the_recurrence_on_repeated_heads(groups, decay):
+    """q, k with G heads (Mamba-2's ngroups), each shared by H / G = 6 / G value heads.
+
+    The chunked form computes each group's scores once (no repeat for a scalar or
+    no decay); the reference is the recurrence on q, k repeated per value head,
+    with packed segments and an initial state. Values, final state and every
+    gradient (a group's q gradient sums over its heads).
+    """
+    h, t = 6, 37
+    q, k, v, log_decay, s0 = make_inputs(jax.random.PRNGKey(5), 2, t, h, 4, 3, decay, -0.3)
+    q, k = q[:, :, :groups], k[:, :, :groups]
+    ids = jnp.asarray(np.repeat([[0, 1, 2], [3, 3, 4]], [10, 17, 10], axis=1), jnp.int32)
+    repeated = lambda q, k: (jnp.repeat(q, h // groups, axis=2), jnp.repeat(k, h // groups, axis=2))
+    o, s = run("chunked", q, k, v, log_decay, s0, ids, chunk_size=8)
+    o_ref, s_ref = run("recurrent", *repeated(q, k), v, log_decay, s0, ids)
+    assert_relative_close(o, o_ref, name="o")
+    assert_relative_close(s, s_ref, name="final state")
+    grads = loss_and_grads("chunked", q, k, v, log_decay, s0, ids, chunk_size=8)
+
+    wo = jax.random.normal(jax.random.PRNGKey(7), v.shape, jnp.float32)
+    ws = jax.random.normal(jax.random.PRNGKey(8), s0.shape, jnp.float32)
+
+    def loss(q, k, v, log_decay, s0):
+        o, s = run("recurrent", *repeated(q, k), v, log_decay, s0, ids)
+        return jnp.sum(o * wo) + jnp.sum(s * ws)
+
+    argnums = (0, 1, 2, 4) if log_decay is None else (0, 1, 2, 3, 4)
+    expected = jax.grad(loss, argnums=argnums)(q, k, v, log_decay, s0)
+    for name, got, want in zip(("q", "k", "v", "log_decay", "s0") if log_decay is not None
+                               else ("q", "k", "v", "s0"), grads, expected):
+        assert_relative_close(got, want, name=f"d{name}")
+
+
 class TestBadInput:
     def inputs(self):
         return make_inputs(jax.random.PRNGKey(11), 2, 8, 3, 4, 5, "scalar", -0.5)
@@ -236,6 +271,11 @@ class TestBadInput:
         q, k, v, *_ = self.inputs()
         with pytest.raises(NotImplementedError, match=r"no implementation='cudnn'"):
             ops.linear_attention(q, k, v, implementation="cudnn")
+
+    def test_groups_must_divide_value_heads(self):
+        q, k, v, *_ = self.inputs()
+        with pytest.raises(ValueError, match=r"q and k have 2 heads, v has 3; the query/key heads \(groups\) must divide"):
+            ops.linear_attention(q[:, :, :2], k[:, :, :2], v)
 
     def test_chunk_size(self):
         q, k, v, *_ = self.inputs()
