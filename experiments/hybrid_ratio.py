@@ -473,6 +473,8 @@ def plot(rows: list[dict[str, Any]], workdir: pathlib.Path, *, placement_fractio
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, f"no {task} runs (--tasks)", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle("Hybrid ratio at fixed parameters and tokens")
     fig.tight_layout()
     path = workdir / "hybrid_ratio.png"
