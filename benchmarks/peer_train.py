@@ -129,8 +129,6 @@ SEED = 0
 # 2.4x on an idle machine (docs/results/speed.md). Set for torch unless OMP_WAIT_POLICY is set
 # already; OMP_WAIT_POLICY= (empty) keeps libgomp's default.
 OMP_WAIT_POLICY = "PASSIVE"
-# pad_token_id of the RecurrentGemma and Jamba configs: no input token takes it (make_batch).
-PAD_ID = 0
 # Source lines of the trace printed (all are saved).
 TRACE_ROWS_PRINTED = 30
 
@@ -222,14 +220,14 @@ def build_pair(arch: str, size: str, d_model: int, n_layers: int, p: dict) -> Pa
 def make_batch(p: dict, arch: str) -> dict[str, np.ndarray]:
     """One fixed batch: tokens and targets ``int32 [B, T]``, every target counted, one segment per row.
 
-    The input tokens avoid id ``PAD_ID``: RecurrentGemma's and Jamba's
-    configs make it the padding id, and torch's ``nn.Embedding(padding_idx=0)``
-    then gives that row no gradient from the lookup, a rule effarch's
-    embedding does not have (a real pad token is masked out of the loss).
+    Token 0, the pad token of RecurrentGemma's and Jamba's configs, appears
+    in the inputs: torch's ``nn.Embedding(padding_idx=0)`` gives its lookup no
+    gradient, and so does effarch (``LMConfig.pad_token_id``, set by
+    ``convert.from_hf``), which the loss after one update checks.
     """
     rng = np.random.default_rng(SEED)
     shape = (p["batch"], p["seq_len"][arch])
-    return {"tokens": rng.integers(PAD_ID + 1, p["vocab_size"], shape, dtype=np.int32),
+    return {"tokens": rng.integers(0, p["vocab_size"], shape, dtype=np.int32),
             "targets": rng.integers(0, p["vocab_size"], shape, dtype=np.int32),
             "loss_mask": np.ones(shape, np.float32), "segment_ids": np.zeros(shape, np.int32)}
 

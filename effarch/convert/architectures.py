@@ -198,6 +198,9 @@ class Architecture:
       variants: the spellings of the tensor table on disk; to_hf writes the first.
       ignored: name prefixes of stored tensors from_hf leaves unread (parts
         of the checkpoint transformers' causal LM does not load either).
+      padding_idx: the HF model's embedding is ``nn.Embedding(...,
+        padding_idx=pad_token_id)`` (no lookup gradient for the pad token):
+        from_hf carries ``pad_token_id`` into ``LMConfig``, to_hf writes it.
     """
 
     name: str
@@ -212,6 +215,7 @@ class Architecture:
     embedding: str
     variants: tuple[str, ...] = ("default",)
     ignored: tuple[str, ...] = ()
+    padding_idx: bool = False
 
 
 # --- shared pieces ---------------------------------------------------------------------------
@@ -581,8 +585,10 @@ def _rg_tensors(config, variant) -> list[Tensor]:
 RECURRENT_GEMMA = Architecture(
     name="RecurrentGemmaForCausalLM",
     model_type="recurrent_gemma",
+    padding_idx=True,
     mixers=("rglru", "attention"),
     defaults={"vocab_size": 256000, "hidden_size": 2560, "num_hidden_layers": 26, "intermediate_size": 3 * 2560,
+              "pad_token_id": 0,
               "num_attention_heads": 10, "num_key_value_heads": None, "lru_width": None,
               "attention_window_size": 2048, "conv1d_width": 4, "logits_soft_cap": 30.0, "rms_norm_eps": 1e-6,
               "hidden_activation": "gelu_pytorch_tanh", "block_types": ["recurrent", "recurrent", "attention"],
@@ -711,9 +717,10 @@ def experts(num_experts: int, hf_prefix: str, mlp: str, variant: str) -> list[Te
 JAMBA = Architecture(
     name="JambaForCausalLM",
     model_type="jamba",
+    padding_idx=True,
     mixers=("mamba", "attention"),
     selects={"mamba": {"dt_bc_norm": True}},
-    defaults={**_JAMBA_FIXED, "vocab_size": 65536, "tie_word_embeddings": False, "hidden_size": 4096,
+    defaults={**_JAMBA_FIXED, "pad_token_id": 0, "vocab_size": 65536, "tie_word_embeddings": False, "hidden_size": 4096,
               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
               "num_key_value_heads": 8, "rms_norm_eps": 1e-6, "router_aux_loss_coef": 0.001,
               "num_experts_per_tok": 2, "num_experts": 16, "expert_layer_period": 2, "expert_layer_offset": 1,
@@ -860,9 +867,11 @@ def _qwen3_next_tensors(config, variant) -> list[Tensor]:
 QWEN3_NEXT = Architecture(
     name="Qwen3NextForCausalLM",
     model_type="qwen3_next",
+    padding_idx=True,
     mixers=("gated_deltanet", "attention"),
-    defaults={**_QWEN3_NEXT_FIXED, "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
-              "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+    defaults={**_QWEN3_NEXT_FIXED, "pad_token_id": None, "vocab_size": 151936, "hidden_size": 2048,
+              "intermediate_size": 5632, "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2,
+              "rms_norm_eps": 1e-6,
               "tie_word_embeddings": False, "head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
               "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
               "decoder_sparse_step": 1, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,

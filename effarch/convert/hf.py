@@ -115,6 +115,8 @@ def _lm_config(arch: Architecture, hf: Mapping[str, Any], overrides: Mapping[str
                 raise ValueError(f"{field}={hf[field]!r}; effarch implements {arch.name} with {field}={value!r} "
                                  "only")
         fields = {**arch.lm_fields(hf), **overrides}
+        if arch.padding_idx:
+            fields["pad_token_id"] = hf["pad_token_id"]
         return LMConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                         tie_embeddings=bool(hf["tie_word_embeddings"]), **fields)
     except KeyError as err:
@@ -179,6 +181,7 @@ def _hf_config(arch: Architecture, config: LMConfig, base: Mapping[str, Any] | N
         "num_hidden_layers": config.n_layers,
         "tie_word_embeddings": config.tie_embeddings,
         "dtype": jnp.dtype(config.param_dtype).name,
+        **({"pad_token_id": config.pad_token_id} if arch.padding_idx else {}),
         **fields,
     }
 

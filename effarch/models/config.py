@@ -142,6 +142,11 @@ class LMConfig:
         output head); None: 1. Gemma models use ``sqrt(d_model)``.
       logits_softcap: ``c`` soft-caps the logits to ``c * tanh(logits / c)``
         (Gemma 2, RecurrentGemma); None: off.
+      pad_token_id: the embedding lookup of this token id gets no gradient
+        (torch's ``nn.Embedding(padding_idx=...)``, which RecurrentGemma,
+        Jamba and Qwen3-Next use; ``effarch.convert.from_hf`` sets it). The
+        forward pass is unchanged, and a tied output head still trains that
+        row. None: every lookup trains its row.
       scan_layers: run repeated groups of layers with ``nn.scan`` (one
         compiled group; parameters stacked on a leading "layers" axis).
       remat: rematerialise each block in the backward pass (``nn.remat``).
@@ -197,6 +202,7 @@ class LMConfig:
     tie_embeddings: bool = True
     embed_scale: float | None = None
     logits_softcap: float | None = None
+    pad_token_id: int | None = None
     scan_layers: bool = False
     remat: bool = False
     norm_eps: float = 1e-6
@@ -263,6 +269,9 @@ class LMConfig:
                 f"LMConfig: mlp='moe' with moe_offset={self.moe_offset} and n_layers={self.n_layers}: no layer "
                 f"i < n_layers has i % moe_every == moe_offset; use mlp='swiglu' for a model without experts."
             )
+        if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(
+                self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size):
+            fail("pad_token_id", f"None or a token id in [0, vocab_size={self.vocab_size})")
         for field in ("embed_scale", "logits_softcap"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):

@@ -285,7 +285,10 @@ class LM(nn.Module):
             cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed",
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(EMBED_INIT_STD), EMBED_AXES),
         )
-        x = residual_stream(cfg, embed(tokens))  # [B, T, D]
+        embedded = embed(tokens)  # [B, T, D]
+        if cfg.pad_token_id is not None:  # torch's padding_idx: the pad token's lookup trains nothing
+            embedded = jnp.where((tokens == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(embedded), embedded)
+        x = residual_stream(cfg, embedded)
         last_layer = self._check_exit_at(exit_at, tokens.shape)  # [B, T] or None
 
         bounds = None

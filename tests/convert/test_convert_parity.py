@@ -136,6 +136,39 @@ def test_logits_match_transformers(converted):
     assert_relative_close(converted.logits, converted.hf_logits, name=f"{converted.case} logits")
 
 
+def test_embedding_gradient_matches_transformers_with_the_pad_token_in_the_input(converted):
+    """Every third input token is 0, the pad token of the RecurrentGemma and Jamba configs.
+
+    Their torch embeddings (and Qwen3-Next's) drop the pad token's lookup gradient
+    (``nn.Embedding(padding_idx=pad_token_id)``); from_hf carries ``pad_token_id``
+    so effarch's gradient of the same loss matches, row 0 included (a tied head
+    still trains that row on both sides). Mamba's embedding has no padding_idx.
+    """
+    hf_config = converted.hf.config
+    expected_pad = hf_config.pad_token_id if hf_config.model_type in ("recurrent_gemma", "jamba", "qwen3_next") else None
+    assert converted.config.pad_token_id == expected_pad
+    tokens = converted.tokens.copy()
+    tokens[:, ::3] = 0
+    targets = np.roll(tokens, -1, axis=1)
+    model = converted.hf
+    model.zero_grad(set_to_none=True)
+    logits = model(torch.from_numpy(tokens.astype(np.int64))).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), torch.from_numpy(targets.astype(np.int64)).flatten()
+                                      ).backward()
+    torch_grad = model.get_input_embeddings().weight.grad.numpy()
+    model.zero_grad(set_to_none=True)
+    lm = LM(converted.config)
+
+    def loss(params):
+        logits, *_ = lm.apply(params, jnp.asarray(tokens))
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1))
+
+    grad = jax.jit(jax.grad(loss))(converted.params)["params"]["embed"]["embedding"]
+    assert_relative_close(grad, torch_grad, name=f"{converted.case} embedding gradient")
+    assert_relative_close(grad[0], torch_grad[0], name=f"{converted.case} embedding gradient, row 0")
+
+
 @pytest.mark.parametrize("case", ["mamba-tied", "mamba2-untied", "rgemma-tied", "jamba-moe", "qwen3next-moe"])
 def test_greedy_generation_matches_transformers(case, tmp_path):
     hf = _checkpoints.hf_model(case)

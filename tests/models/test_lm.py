@@ -176,14 +176,37 @@ def test_pattern_tiles_and_layer_options():
         (dict(mlp="moe", moe_every=4, moe_offset=3), r"moe_offset=3 and n_layers=2: no layer"),
         (dict(embed_scale=-1.0), r"embed_scale=-1.0; expected None or a positive float"),
         (dict(logits_softcap=0), r"logits_softcap=0; expected None or a positive float"),
+        (dict(pad_token_id=256), r"pad_token_id=256; expected None or a token id in \[0, vocab_size=256\)"),
     ],
     ids=["unknown-mixer", "pattern-length", "pattern-and-ratio", "unknown-letter", "bad-option",
          "bad-mlp", "layer-index", "mod-capacity", "mixer-entry", "moe-bitlinear", "moe-offset",
-         "no-moe-layer", "embed-scale", "softcap"],
+         "no-moe-layer", "embed-scale", "softcap", "pad-token"],
 )
 def test_bad_config_raises(overrides, match):
     with pytest.raises(ValueError, match=match):
         LMConfig.preset("tiny", **overrides)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_pad_token_lookup_gets_no_gradient(tie):
+    """``pad_token_id``: the same outputs; the pad row's gradient loses exactly its lookup part."""
+    lm, variables, tokens = _model(pattern="MA", n_layers=2, tie_embeddings=tie)
+    tokens = tokens.at[:, ::2].set(7)
+    padded = LM(config=dataclasses.replace(lm.config, pad_token_id=7))
+    chex.assert_trees_all_equal(padded.apply(variables, tokens)[0], lm.apply(variables, tokens)[0])
+
+    def grad(model):
+        loss = lambda v: jnp.sum(model.apply(v, tokens)[0][:, :, 5:10] ** 2)  # logits of ids 5..9 (the pad, 7, too)
+        return nn.unbox(jax.grad(loss)(variables)["params"]["embed"]["embedding"])
+
+    plain, pad = grad(lm), grad(padded)
+    others = jnp.arange(lm.config.vocab_size) != 7
+    chex.assert_trees_all_close(pad[others], plain[others], rtol=1e-6, atol=1e-7)  # other rows unchanged
+    if tie:  # the tied head still trains row 7: its head part is what is left (nonzero), the lookup part is gone
+        assert float(jnp.max(jnp.abs(pad[7]))) > 0 and float(jnp.max(jnp.abs(pad[7] - plain[7]))) > 1e-4
+    else:
+        chex.assert_trees_all_equal(pad[7], jnp.zeros_like(pad[7]))
+        assert float(jnp.max(jnp.abs(plain[7]))) > 0
 
 
 def test_unknown_preset_lists_valid_ones():
