@@ -235,14 +235,9 @@ def chunked(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, 
     b, t, g, kd = q.shape
     h, vd = v.shape[2:]
     r = h // g  # value heads per group
-    c = min(chunk_size, t)
-    n = -(-t // c)  # number of chunks
-    pad = lambda x: pad_to_multiple(x, c, axis=1)
-    to_chunks = lambda x: x.reshape(b, n, c, *x.shape[2:])
-    qc, kc = to_chunks(pad(q)), to_chunks(pad(k))  # [B,M,C,G,K]
-    vc = to_chunks(pad(v)).reshape(b, n, c, g, r, vd)  # [B,M,C,G,R,V]
-    segments = chunk_segments(segment_ids, b, t, c)
-    same = segments.same_segment & jnp.tril(jnp.ones((c, c), bool))  # [B,M,C,C]
+    c, n, to_chunks, segments, same = _chunking(b, t, chunk_size, segment_ids)
+    qc, kc = to_chunks(q), to_chunks(k)  # [B,M,C,G,K]
+    vc = to_chunks(v).reshape(b, n, c, g, r, vd)  # [B,M,C,G,R,V]
     masked = lambda cond, x: jnp.where(cond, x, MASKED_LOG)
 
     scores = jnp.einsum("bmtgk,bmsgk->bmgts", qc, kc)  # [B,M,G,C,C], once per group
@@ -250,7 +245,7 @@ def chunked(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, 
         cum = jnp.zeros((b, n, c, g, r), jnp.float32)
         weights = jnp.broadcast_to(same[:, :, None, None], (b, n, g, r, c, c)).astype(jnp.float32)
     else:
-        decay = to_chunks(pad(log_decay)).reshape(b, n, c, g, r)  # [B,M,C,G,R]
+        decay = to_chunks(log_decay).reshape(b, n, c, g, r)  # [B,M,C,G,R]
         cum = jnp.cumsum(decay, axis=2)  # inclusive log decay from the chunk start
         seg = _common.segsum(jnp.moveaxis(decay, 2, -1))  # [B,M,G,R,C,C]
         weights = jnp.exp(masked(same[:, :, None, None], seg))
@@ -264,15 +259,9 @@ def chunked(q, k, v, log_decay, *, scale, initial_state=None, segment_ids=None, 
     chunk_decay = jnp.exp(masked(segments.carries[..., None, None], cum_end))  # [B,M,G,R]
     contribution = jnp.einsum("bmsgk,bmsgrv->bmgrkv", kc, v_out)  # [B,M,G,R,K,V]
 
-    def step(state, inputs):
-        decay, contrib = inputs  # [B,G,R], [B,G,R,K,V]
-        return state * decay[..., None, None] + contrib, state
-
     state = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None
              else initial_state.astype(jnp.float32)).reshape(b, g, r, kd, vd)
-    state, entering = jax.lax.scan(
-        step, state, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(contribution, 1, 0)))
-    entering = jnp.moveaxis(entering, 0, 1)  # [B,M,G,R,K,V]: the state entering each chunk
+    state, entering = _across_chunks(state, chunk_decay, contribution)  # entering: [B,M,G,R,K,V]
     o_inter = jnp.einsum("bmtgk,bmgrkv->bmtgrv", qc, entering) * q_decay[..., None]
     o = scale * (o_intra + o_inter).reshape(b, n * c, h, vd)[:, :t]
     return o, state.reshape(b, h, kd, vd)
@@ -283,19 +272,14 @@ def _chunked_per_channel(q, k, v, log_decay, *, scale, initial_state=None, segme
     q, k, v = _f32(q, k, v)
     b, t, h, kd = q.shape
     vd = v.shape[-1]
-    c = min(chunk_size, t)
-    n = -(-t // c)  # number of chunks
-    pad = lambda x: pad_to_multiple(x, c, axis=1)
-    to_chunks = lambda x: x.reshape(b, n, c, *x.shape[2:])
-    qc, kc, vc = (to_chunks(pad(x)) for x in (q, k, v))  # [B,M,C,H,K|V]
-    segments = chunk_segments(segment_ids, b, t, c)
-    same = segments.same_segment & jnp.tril(jnp.ones((c, c), bool))  # [B,M,C,C]
+    c, n, to_chunks, segments, same = _chunking(b, t, chunk_size, segment_ids)
+    qc, kc, vc = (to_chunks(x) for x in (q, k, v))  # [B,M,C,H,K|V]
     reach_q = segments.sees_entry[..., None, None]  # [B,M,C,1,1]: entering state reaches t
     reach_k = segments.reaches_exit[..., None, None]  # [B,M,C,1,1]: s reaches the chunk end
     carry = segments.carries[..., None, None]  # [B,M,1,1]: entering state reaches the end
 
     masked = lambda cond, x: jnp.where(cond, x, MASKED_LOG)
-    g = to_chunks(pad(log_decay))  # [B,M,C,H,K]
+    g = to_chunks(log_decay)  # [B,M,C,H,K]
     cum = jnp.cumsum(g, axis=2)  # inclusive log decay from the chunk start
     scores = _intra_per_channel(qc, kc, g, cum, same)
     o_intra = jnp.einsum("bmhts,bmshv->bmthv", scores, vc)
@@ -306,18 +290,46 @@ def _chunked_per_channel(q, k, v, log_decay, *, scale, initial_state=None, segme
     chunk_decay = jnp.exp(masked(carry, cum_end))  # [B,M,H,K]
     contribution = jnp.einsum("bmshk,bmshv->bmhkv", k_out, vc)  # [B,M,H,K,V]
 
-    def step(state, inputs):
-        decay, contrib = inputs  # [B,H,K], [B,H,K,V]
-        return state * decay[..., None] + contrib, state
-
     state = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None
              else initial_state.astype(jnp.float32))
-    state, entering = jax.lax.scan(
-        step, state, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(contribution, 1, 0)))
-    entering = jnp.moveaxis(entering, 0, 1)  # [B,M,H,K,V]: the state entering each chunk
+    state, entering = _across_chunks(state, chunk_decay, contribution)  # entering: [B,M,H,K,V]
     o_inter = jnp.einsum("bmthk,bmhkv->bmthv", q_in, entering)
     o = scale * (o_intra + o_inter).reshape(b, n * c, h, vd)[:, :t]
     return o, state
+
+
+def _chunking(b: int, t: int, chunk_size: int, segment_ids):
+    """The chunk length ``C``, chunk count ``M``, ``[B,T,...] -> [B,M,C,...]`` (padded), the segment flags
+    of every chunk and ``same [B,M,C,C]``: step ``s`` is visible from step ``t`` inside its chunk."""
+    c = min(chunk_size, t)
+    n = -(-t // c)
+
+    def to_chunks(x):
+        return pad_to_multiple(x, c, axis=1).reshape(b, n, c, *x.shape[2:])
+
+    segments = chunk_segments(segment_ids, b, t, c)
+    return c, n, to_chunks, segments, segments.same_segment & jnp.tril(jnp.ones((c, c), bool))
+
+
+def _across_chunks(state, chunk_decay, contribution):
+    """The recurrence over chunks: ``S_m = decay_m S_{m-1} + contribution_m``.
+
+    Args:
+      state: ``[B, *heads, K, V]`` before the first chunk.
+      chunk_decay: ``[B, M, *heads]`` (one decay per head) or ``[B, M, *heads, K]``.
+      contribution: ``[B, M, *heads, K, V]``, each chunk's own state.
+    Returns:
+      ``(final state, entering [B, M, *heads, K, V])``: the state entering each chunk.
+    """
+    missing = (1,) * (contribution.ndim - chunk_decay.ndim)  # the K, V (or V) axes the decay broadcasts over
+
+    def step(state, inputs):
+        decay, contrib = inputs
+        return state * decay.reshape(decay.shape + missing) + contrib, state
+
+    state, entering = jax.lax.scan(
+        step, state, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(contribution, 1, 0)))
+    return state, jnp.moveaxis(entering, 0, 1)
 
 
 def _intra_per_channel(qc, kc, g, cum, same):

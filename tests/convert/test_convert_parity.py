@@ -145,7 +145,8 @@ def test_embedding_gradient_matches_transformers_with_the_pad_token_in_the_input
     still trains that row on both sides). Mamba's embedding has no padding_idx.
     """
     hf_config = converted.hf.config
-    expected_pad = hf_config.pad_token_id if hf_config.model_type in ("recurrent_gemma", "jamba", "qwen3_next") else None
+    padded_types = ("recurrent_gemma", "jamba", "qwen3_next")
+    expected_pad = hf_config.pad_token_id if hf_config.model_type in padded_types else None
     assert converted.config.pad_token_id == expected_pad
     tokens = converted.tokens.copy()
     tokens[:, ::3] = 0

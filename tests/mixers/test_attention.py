@@ -87,7 +87,8 @@ def test_qkv_conv_with_identity_taps_is_plain_attention():
     conv = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2, qkv_conv_size=3)
     plain = mixers.build("attention", d_model=D, num_heads=4, num_kv_heads=2)
     params = conv.init(jax.random.PRNGKey(1), X)
-    assert params["params"]["conv_q"]["kernel"].shape == (3, 16) and params["params"]["conv_k"]["kernel"].shape == (3, 8)
+    assert params["params"]["conv_q"]["kernel"].shape == (3, 16)  # [taps, H * K]
+    assert params["params"]["conv_k"]["kernel"].shape == (3, 8)  # [taps, Hkv * K]
     projections = {"params": {k: v for k, v in params["params"].items() if not k.startswith("conv_")}}
     assert_relative_close(_apply(conv, _with_taps(params, [0.0, 0.0, 1.0])), _apply(plain, projections),
                           name="identity taps")

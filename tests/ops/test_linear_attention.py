@@ -274,7 +274,8 @@ class TestBadInput:
 
     def test_groups_must_divide_value_heads(self):
         q, k, v, *_ = self.inputs()
-        with pytest.raises(ValueError, match=r"q and k have 2 heads, v has 3; the query/key heads \(groups\) must divide"):
+        with pytest.raises(ValueError, match=r"q and k have 2 heads, v has 3; the query/key heads \(groups\) "
+                                             r"must divide"):
             ops.linear_attention(q[:, :, :2], k[:, :, :2], v)
 
     def test_chunk_size(self):
