@@ -4,4 +4,8 @@ Every mixer is one gated linear recurrence computed several ways (recurrent,
 quadratic, chunked, Pallas kernels); see docs/theory.md.
 """
 
+from effarch import _xla_workarounds
+
+_xla_workarounds.apply()
+
 __version__ = "0.1.0"
