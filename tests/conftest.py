@@ -3,6 +3,9 @@
 ``pytest -n 2`` runs two workers on a 2-core machine, so each worker's XLA runs
 single-threaded: this avoids oversubscribing the cores and the rare XLA-CPU
 thread-pool stall seen under heavy load. Users who set XLA_FLAGS keep theirs.
+(``intra_op_parallelism_threads=1`` is not an XLA flag, and XLA stops reading
+XLA_FLAGS at the first word without ``--``: any flag meant to count must come
+before it, as ``effarch._xla_workarounds`` puts its own.)
 
 The cases in ``HEAVY`` (each 4-37 s of CPU, mostly compilation) run with
 ``pytest -m slow``; every capability they check keeps a lighter case in the
