@@ -73,6 +73,16 @@ HEAVY = {
     "models/test_linearize.py::test_linear_attention_equals_attention_when_all_scores_are_equal[mha]",
     "ops/test_selective_scan.py::test_forms_match_reference[T63_G3_f32_large_dt-recurrent]",
     "pallas_kernels/selective_scan/test_selective_scan_kernel.py::test_gpu_kernel_interpret[T200_G4_bf16]",
+    # Session 9: a second case of each of these stays (max_prob and saturation; the GPU-interpret and f32
+    # TPU cases; the decode bf16 case; the base presets' jit/grad/vmap check).
+    "models/test_early_exit.py::test_score_keeps_to_the_early_exit_definition[margin]",
+    "pallas_kernels/linear_scan/test_linear_scan_kernel.py::test_kernel_interpret[T300_bf16_weak_packed-tpu]",
+    "pallas_kernels/selective_scan/test_selective_scan_kernel.py::test_tpu_kernel_interpret[T63_G1_bf16_tiny_dt]",
+    "ops/test_attention.py::test_chunked_matches_xla[segments_causal_window20-bfloat16]",
+    "ops/test_attention.py::test_chunked_matches_xla[mha_T63_K60_softcap-bfloat16]",
+    "mixers/test_mixers_common.py::test_jit_grad_vmap[gated_deltanet-tiny_grouped]",
+    "mixers/test_mixers_common.py::test_jit_grad_vmap[attention-tiny_local]",
+    "mixers/test_mixers_common.py::test_jit_grad_vmap[attention-tiny_conv]",
 }
 # bfloat16 at T=256 through every mixer is the slow tier; these families keep it by default.
 BF16_DEFAULT = {"attention", "mamba2", "gla", "mamba"}
