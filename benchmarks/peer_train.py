@@ -2,7 +2,7 @@
 
     python benchmarks/peer_train.py --preset cpu                    # ~4 min on 2 cores (20 rows)
     python benchmarks/peer_train.py --preset cpu --profile --trace  # and ~12 min more: effarch's time
-    OMP_WAIT_POLICY= python benchmarks/peer_train.py --preset cpu   # torch with libgomp's default wait
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/peer_train.py --preset cpu   # on a loaded machine (see below)
     python benchmarks/peer_train.py --preset smoke --out /tmp/x.json
 
 Results and their reading: docs/results/speed.md.
@@ -45,8 +45,9 @@ prefill's last-position logits (``prefill_logits_rel_rmse``).
 torch runs on ``torch.set_num_threads(n)`` with ``n`` the threads XLA's CPU
 client uses: one where ``XLA_FLAGS`` turns Eigen's multi-threading off (the
 test suite's setting), else the cores this process may run on (XLA sizes its
-pool to them); its OpenMP threads wait passively (``OMP_WAIT_POLICY``, see
-the constant's comment) unless the variable is set. The JSON records ``n``,
+pool to them); its OpenMP threads keep libgomp's default wait (spinning:
+torch at its best on an idle machine; ``OMP_WAIT_POLICY``, see the constant's
+comment) unless the variable is set. The JSON records ``n``,
 the wait policy, the load average before and after, the commit when the run
 started and any uncommitted change to the library, and the versions of jax,
 torch and transformers.
@@ -126,9 +127,10 @@ SEED = 0
 # torch's OpenMP (libgomp) threads wait for work by spinning by default. With more runnable threads
 # than cores (a shared machine) a thread spins for a partner that is descheduled: torch at 2 threads
 # ran 7-10x slower than at 1 thread at load ~7. Passive waiting avoids that, but costs torch up to
-# 2.4x on an idle machine (docs/results/speed.md). Set for torch unless OMP_WAIT_POLICY is set
-# already; OMP_WAIT_POLICY= (empty) keeps libgomp's default.
-OMP_WAIT_POLICY = "PASSIVE"
+# 2.4x on an idle machine (1.7x on Mamba-2's medium step in session 9; docs/results/speed.md), which
+# would flatter effarch: the default is libgomp's own (empty), and OMP_WAIT_POLICY=PASSIVE in the
+# environment chooses passive waiting for a loaded machine. The JSON records which.
+OMP_WAIT_POLICY = ""
 # Source lines of the trace printed (all are saved).
 TRACE_ROWS_PRINTED = 30
 
