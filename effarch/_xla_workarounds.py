@@ -7,14 +7,15 @@ in XNNPACK after those releases). effarch's chunked SSD with one group of B/C
 (Mamba-2's ``ngroups=1``), vmapped over settings (``train.sweep``), builds
 exactly such operands in its backward pass: ``experiments/hybrid_ratio.py
 --preset cpu --tasks mqar`` died on its first step. Without YNN's reduce fusions
-it runs; YNN's dot fusions stay (turning all YNN fusion off made Mamba-2's CPU
-training step 9% slower).
+it runs, at 3-8% on Mamba-2's CPU training step; YNN's dot fusions stay (turning
+all YNN fusion off made that step 9% slower).
 
 ``apply()`` adds ``--xla_cpu_experimental_ynn_fusion_type=-reduce`` to the front
 of ``XLA_FLAGS`` unless the user set that flag. The front:
 XLA stops reading ``XLA_FLAGS`` at the first word that is not a ``--flag``.
 It only takes effect if no JAX backend has started yet (importing effarch
-before running anything in JAX); otherwise it warns.
+before running anything in JAX); otherwise it warns. ``EFFARCH_KEEP_XLA_FLAGS=1``
+leaves ``XLA_FLAGS`` untouched (to measure XLA's defaults, or on a jaxlib that has the fix).
 """
 
 from __future__ import annotations

@@ -100,13 +100,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+# The cache directory, from the controller to the workers it starts.
+_CACHE_ENV = "EFFARCH_TEST_XLA_CACHE"
+
 
 def pytest_configure(config):
     """One persistent XLA compilation cache shared by this run's workers, removed at the end.
 
     The suite's time is mostly XLA compiling (about 70% of it, measured per test), and the two xdist
     workers compile many of the same programs (the same model pieces and initialisers): sharing
-    the cache cut ``tests/models/test_lm.py`` from 98 s to 72 s on 2 cores. The directory is new
+    the cache cut ``tests/models/test_lm.py`` from 98 s to 69 s on 2 cores. The directory is new
     for every run, so no run reuses an earlier one's programs. A cache the user configured
     (``JAX_COMPILATION_CACHE_DIR``) is left alone.
     """
@@ -130,6 +133,3 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(path, ignore_errors=True)
-
-
-_CACHE_ENV = "EFFARCH_TEST_XLA_CACHE"
