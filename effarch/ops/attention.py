@@ -245,6 +245,21 @@ class _Static:
                        window=self.window, kv_len=self.kv_len)
         return vis[:, None, None]
 
+    def needed(self, iq, ik):
+        """Whether query block ``iq`` sees any key of key block ``ik`` (segments aside): a scalar bool.
+
+        The others are skipped (``lax.cond``): causal attention computes about half of the
+        ``T / Cq x S / Ck`` block pairs, a sliding window only those near the diagonal.
+        """
+        q_first = iq * self.block_q + self.kv_len - self.q_len
+        k_first = ik * self.block_k
+        need = k_first < self.kv_len
+        if self.causal:
+            need = need & (k_first <= q_first + self.block_q - 1)
+        if self.window is not None:
+            need = need & (k_first + self.block_k - 1 > q_first - self.window)
+        return need
+
 
 def _blocks(x, size: int):
     """``[B, T, ...] -> [T/C, B, C, ...]``, zero-padding T to a multiple of C."""
@@ -277,6 +292,10 @@ def _chunked_forward(st: _Static, q, k, v, q_seg, kv_seg):
         iq, q_i, q_seg_i = args
 
         def key_block(carry, xs):
+            ik = xs[0]
+            return lax.cond(st.needed(iq, ik), update, lambda carry, xs: carry, carry, xs), None
+
+        def update(carry, xs):
             m, l, acc = carry  # [B,Hkv,G,Cq], [B,Hkv,G,Cq], [B,Hkv,G,Cq,V]
             ik, k_j, v_j, kv_seg_j = xs
             vis = st.visible(iq, ik, q_seg_i, kv_seg_j)
@@ -287,7 +306,7 @@ def _chunked_forward(st: _Static, q, k, v, q_seg, kv_seg):
             l = l * correction + p.sum(axis=-1)
             pv = jnp.einsum("bhgts,bshv->bhgtv", p.astype(v.dtype), v_j,
                             preferred_element_type=jnp.float32)
-            return (m_new, l, acc * correction[..., None] + pv), None
+            return m_new, l, acc * correction[..., None] + pv
 
         init = (
             jnp.full((b, hkv, g, st.block_q), MASKED_LOGIT, jnp.float32),
@@ -335,6 +354,11 @@ def _attention_chunked_bwd(st: _Static, residuals, do):
         ik, k_j, v_j, kv_seg_j = xs
 
         def query_block(carry, ys):
+            iq, q_i = ys[:2]
+            return lax.cond(st.needed(iq, ik), update, lambda carry, ys: (carry, jnp.zeros(q_i.shape, jnp.float32)),
+                            carry, ys)
+
+        def update(carry, ys):
             dk_j, dv_j = carry  # [B, Ck, Hkv, K], [B, Ck, Hkv, V] float32
             iq, q_i, q_seg_i, do_i, lse_i, delta_i = ys
             vis = st.visible(iq, ik, q_seg_i, kv_seg_j)

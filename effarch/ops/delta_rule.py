@@ -39,11 +39,16 @@ from effarch.op_contract import (
     pad_to_multiple,
     segment_starts,
 )
-from effarch.ops._common import resolve_forms, run_forms, segsum
+from effarch.ops._common import platform, resolve_forms, run_forms, segsum
 from effarch.typing import Float, Keys, Queries, SegmentIds, State, Values, Array
 
 DELTA_IMPLEMENTATIONS = ("auto", "recurrent", "chunked")
 GENERALIZED_IMPLEMENTATIONS = ("auto", "recurrent", "chunked")
+# The longest chunk "auto" runs on CPU for delta_rule (under jax.grad; the forward is recurrent
+# there): the chunk length changes only the order of summation, and at Qwen3-Next's shapes C = 32
+# trained 1.3-1.5x faster than C = 64 (docs/results/speed.md, "Session 10"). An explicit
+# implementation="chunked" keeps the caller's chunk_size.
+CPU_CHUNK_SIZE = 32
 
 Beta = Float[Array, "B T H"]
 ScalarLogDecay = Float[Array, "B T H"]
@@ -66,14 +71,54 @@ def _forward_substitution(tri: jax.Array, rhs: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, c, row, jnp.zeros_like(rhs))
 
 
+# Diagonal blocks of the triangular inverse are solved by forward substitution
+# in blocks of at most this many rows; the blocks below them are matmuls.
+INVERSE_BLOCK = 16
+
+
+def unit_lower_inverse(tri: jax.Array) -> jax.Array:
+    """``(I + N)^{-1}`` for ``N`` the strictly lower triangle of ``tri``.
+
+    Blocked, as fla's ``solve_tril``: the diagonal blocks (at most
+    :data:`INVERSE_BLOCK` rows, all at once) by forward substitution on the
+    identity, then block row ``i`` below them as
+    ``-D_i^{-1} N[i, :i] (I + N)^{-1}[:i, :i]``, one matmul chain per block
+    row. So ``C / 16 + 16`` sequential steps instead of ``C``, and the solve's
+    backward needs no sequential step at all.
+
+    Args:
+      tri: ``[..., C, C]``; its diagonal and upper triangle are ignored.
+    Returns:
+      ``[..., C, C]``, unit lower triangular.
+    """
+    c = tri.shape[-1]
+    block = max(d for d in range(1, min(c, INVERSE_BLOCK) + 1) if c % d == 0)
+    n_blocks, lead = c // block, tri.shape[:-2]
+    lower = jnp.where(jnp.tril(jnp.ones((c, c), bool), -1), tri, 0.0)
+    blocks = lower.reshape(*lead, n_blocks, block, n_blocks, block)
+    on_diagonal = jnp.arange(n_blocks)
+    diagonal = jnp.moveaxis(blocks[..., on_diagonal, :, on_diagonal, :], 0, -3)  # [..., n, b, b]
+    eye = jnp.eye(block, dtype=tri.dtype)
+    diagonal_inv = _forward_substitution(diagonal, jnp.broadcast_to(eye, diagonal.shape))
+    inverse = diagonal_inv[..., 0, :, :]  # the leading i·b rows and columns, solved so far
+    for i in range(1, n_blocks):
+        rows = lower[..., i * block:(i + 1) * block, :i * block]  # N[i, :i]: [..., b, i·b]
+        below = -jnp.einsum("...ij,...jk,...kl->...il", diagonal_inv[..., i, :, :], rows, inverse)
+        inverse = jnp.concatenate([
+            jnp.concatenate([inverse, jnp.zeros((*lead, i * block, block), tri.dtype)], -1),
+            jnp.concatenate([below, diagonal_inv[..., i, :, :]], -1),
+        ], -2)
+    return inverse
+
+
 @jax.custom_vjp
 def unit_lower_solve(tri: jax.Array, rhs: jax.Array) -> jax.Array:
-    """Solves ``tri @ x = rhs`` for unit lower-triangular ``tri``, by forward substitution.
+    """Solves ``tri @ x = rhs`` for unit lower-triangular ``tri``, as ``unit_lower_inverse(tri) @ rhs``.
 
     Plain XLA ops, no LAPACK custom call (the CPU ``triangular_solve`` custom
     call was seen to stall the XLA CPU runtime). The diagonal of ``tri`` is
-    taken as 1 and its upper triangle is ignored. The backward pass is one more
-    triangular solve, with ``L^T`` (upper) solved as a row-and-column reversal.
+    taken as 1 and its upper triangle is ignored. The backward pass reuses the
+    inverse: ``d rhs = L^{-T} g`` and ``d tri = -(d rhs) x^T`` (strictly lower).
 
     Args:
       tri: ``[..., C, C]``.
@@ -81,24 +126,22 @@ def unit_lower_solve(tri: jax.Array, rhs: jax.Array) -> jax.Array:
     Returns:
       ``x [..., C, F]``.
     """
-    return _forward_substitution(tri, rhs)
+    return unit_lower_inverse(tri) @ rhs
 
 
 def _unit_lower_solve_fwd(tri, rhs):
-    x = _forward_substitution(tri, rhs)
-    return x, (tri, x)
+    inverse = unit_lower_inverse(tri)
+    x = inverse @ rhs
+    return x, (inverse, x)
 
 
 def _unit_lower_solve_bwd(residuals, g):
-    tri, x = residuals
-    c = tri.shape[-1]
+    inverse, x = residuals
+    c = inverse.shape[-1]
+    g_rhs = jnp.swapaxes(inverse, -1, -2) @ g
     strictly_lower = jnp.tril(jnp.ones((c, c), bool), -1)
-    lower = jnp.where(strictly_lower, tri, 0.0)
-    # d rhs = L^{-T} g; reversing rows and columns turns L^T into a lower matrix.
-    flipped = jnp.flip(jnp.swapaxes(lower, -1, -2), axis=(-2, -1))
-    g_rhs = jnp.flip(_forward_substitution(flipped, jnp.flip(g, axis=-2)), axis=-2)
     g_tri = jnp.where(strictly_lower, -jnp.einsum("...if,...jf->...ij", g_rhs, x), 0.0)
-    return g_tri.astype(tri.dtype), g_rhs.astype(x.dtype)
+    return g_tri.astype(inverse.dtype), g_rhs.astype(x.dtype)
 
 
 unit_lower_solve.defvjp(_unit_lower_solve_fwd, _unit_lower_solve_bwd)
@@ -138,7 +181,8 @@ def delta_rule(
       implementation: ``"recurrent"`` (``lax.scan`` over steps, the reference),
         ``"chunked"`` (WY / UT transform inside chunks, scan across chunks) or
         ``"auto"`` (docs/design.md §3: on CPU recurrent when no gradient is
-        taken, chunked under ``jax.grad``; chunked on GPU/TPU).
+        taken, chunked in chunks of at most ``CPU_CHUNK_SIZE`` under
+        ``jax.grad``; chunked on GPU/TPU).
 
     Returns:
       ``(o, S)``: ``o [B,T,H,V]`` in ``v.dtype``; ``S [B,H,K,V]`` float32 or None.
@@ -160,6 +204,8 @@ def delta_rule(
     _check_common(op, q, segment_ids, chunk_size)
     choice = resolve_forms(op, implementation, DELTA_IMPLEMENTATIONS)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if implementation == "auto" and platform() == "cpu":
+        chunk_size = min(chunk_size, CPU_CHUNK_SIZE)
     if log_decay is None:
         log_decay = jnp.zeros(beta.shape, jnp.float32)
 

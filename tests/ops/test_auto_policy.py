@@ -189,3 +189,20 @@ def test_cpu_linear_attention_trains_in_chunks_of_at_most_32():
 
     for got, want in zip(jax.tree.leaves(grads("auto", 64)), jax.tree.leaves(grads("chunked", CPU_CHUNK_SIZE))):
         np.testing.assert_array_equal(got, want)
+
+
+@cpu_only
+def test_cpu_delta_rule_trains_in_chunks_of_at_most_32():
+    from effarch.ops.delta_rule import CPU_CHUNK_SIZE
+    a = _arrays(4, q=(1, 100, 2, 4), k=(1, 100, 2, 4), v=(1, 100, 2, 3), beta=(1, 100, 2), g=(1, 100, 2))
+
+    def grads(implementation, chunk_size):
+        def loss(x):
+            k = x["k"] / jnp.linalg.norm(x["k"], axis=-1, keepdims=True)
+            o, _ = ops.delta_rule(x["q"], k, x["v"], jax.nn.sigmoid(x["beta"]), -jax.nn.softplus(x["g"]),
+                                  chunk_size=chunk_size, implementation=implementation)
+            return jnp.sum(jnp.cos(o))
+        return jax.jit(jax.grad(loss))(a)
+
+    for got, want in zip(jax.tree.leaves(grads("auto", 64)), jax.tree.leaves(grads("chunked", CPU_CHUNK_SIZE))):
+        np.testing.assert_array_equal(got, want)

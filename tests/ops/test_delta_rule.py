@@ -358,3 +358,29 @@ def test_generalized_sub_chunked_pairs_with_segments_match_recurrent(chunk_size)
     assert_relative_close((o, state), (o_ref, state_ref), name="o, final_state")
     assert_relative_close({k: v for k, v in grads.items() if k != "segment_ids"},
                           {k: v for k, v in grads_ref.items() if k != "segment_ids"}, name="grad")
+
+
+# ---------------------------------------------------------------------------
+# The blocked triangular solve inside the chunked forms, against numpy
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [7, 16, 48, 64], ids=lambda c: f"C{c}")
+def test_unit_lower_solve_matches_numpy_solve(size):
+    """One block (7, 16), three and four blocks of 16 (48, 64); the diagonal and upper triangle
+    of ``tri`` are ignored. Value and both gradients against ``numpy.linalg.solve``."""
+    from effarch.ops.delta_rule import unit_lower_solve
+
+    rng = np.random.default_rng(size)
+    tri = 0.3 * normal(rng, 2, size, size)  # an arbitrary diagonal and upper part: ignored
+    rhs, cotangent = normal(rng, 2, size, 5), normal(rng, 2, size, 5)
+    lower = np.tril(tri.astype(np.float64), -1) + np.eye(size)
+    x_ref = np.linalg.solve(lower, rhs.astype(np.float64))
+    g_rhs_ref = np.linalg.solve(np.swapaxes(lower, -1, -2), cotangent.astype(np.float64))
+    g_tri_ref = np.tril(-np.einsum("bif,bjf->bij", g_rhs_ref, x_ref), -1)
+
+    x, vjp = jax.vjp(unit_lower_solve, jnp.asarray(tri), jnp.asarray(rhs))
+    g_tri, g_rhs = vjp(jnp.asarray(cotangent))
+    np.testing.assert_allclose(x, x_ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(g_rhs, g_rhs_ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(g_tri, g_tri_ref, rtol=2e-5, atol=2e-5)
