@@ -7,8 +7,11 @@ in XNNPACK after those releases). effarch's chunked SSD with one group of B/C
 (Mamba-2's ``ngroups=1``), vmapped over settings (``train.sweep``), builds
 exactly such operands in its backward pass: ``experiments/hybrid_ratio.py
 --preset cpu --tasks mqar`` died on its first step. Without YNN's reduce fusions
-it runs, at 3-8% on Mamba-2's CPU training step; YNN's dot fusions stay (turning
-all YNN fusion off made that step 9% slower).
+it runs; YNN's dot fusions stay (turning all YNN fusion off made Mamba-2's CPU
+training step 9% slower). What dropping the reduce fusions does to speed
+(docs/results/speed.md, sessions 9 and 10): Mamba's and Jamba's CPU steps run
+2.2x faster (the selective scan); Mamba-2's step moved +3% and +8% in two
+measurements, and the other models' moved within the machine's noise.
 
 ``apply()`` adds ``--xla_cpu_experimental_ynn_fusion_type=-reduce`` to the front
 of ``XLA_FLAGS`` unless the user set that flag. The front:
