@@ -291,11 +291,10 @@ def _chunked_forward(st: _Static, q, k, v, q_seg, kv_seg):
     def query_block(args):
         iq, q_i, q_seg_i = args
 
-        def key_block(carry, xs):
-            ik = xs[0]
-            return lax.cond(st.needed(iq, ik), update, lambda carry, xs: carry, carry, xs), None
+        def key_block(carry, xs):  # a block no query sees leaves the statistics as they are
+            return lax.cond(st.needed(iq, xs[0]), online_softmax_step, lambda carry, xs: carry, carry, xs), None
 
-        def update(carry, xs):
+        def online_softmax_step(carry, xs):
             m, l, acc = carry  # [B,Hkv,G,Cq], [B,Hkv,G,Cq], [B,Hkv,G,Cq,V]
             ik, k_j, v_j, kv_seg_j = xs
             vis = st.visible(iq, ik, q_seg_i, kv_seg_j)
@@ -353,12 +352,13 @@ def _attention_chunked_bwd(st: _Static, residuals, do):
     def key_block(dq_acc, xs):
         ik, k_j, v_j, kv_seg_j = xs
 
-        def query_block(carry, ys):
-            iq, q_i = ys[:2]
-            return lax.cond(st.needed(iq, ik), update, lambda carry, ys: (carry, jnp.zeros(q_i.shape, jnp.float32)),
-                            carry, ys)
+        def query_block(carry, ys):  # a block no query sees adds nothing to dk, dv or dq
+            def skip(carry, ys):
+                return carry, jnp.zeros(ys[1].shape, jnp.float32)
 
-        def update(carry, ys):
+            return lax.cond(st.needed(ys[0], ik), gradient_step, skip, carry, ys)
+
+        def gradient_step(carry, ys):
             dk_j, dv_j = carry  # [B, Ck, Hkv, K], [B, Ck, Hkv, V] float32
             iq, q_i, q_seg_i, do_i, lse_i, delta_i = ys
             vis = st.visible(iq, ik, q_seg_i, kv_seg_j)
