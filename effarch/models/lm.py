@@ -101,9 +101,14 @@ def output_logits(cfg: LMConfig, normed: jax.Array, head: jax.Array) -> jax.Arra
     ``head`` is the embedding ``[vocab, D]`` itself when ``tie_embeddings`` (no
     transposed copy is made), else the ``unembed`` parameter ``[D, vocab]``.
     """
-    spec = "btd,vd->btv" if cfg.tie_embeddings else "btd,dv->btv"
-    logits = jnp.einsum(spec, normed, head.astype(cfg.dtype),
+    # One [B*T, D] matmul, not an einsum batched over B and T: on XLA:CPU without YNNPACK's reduce
+    # fusions (effarch/_xla_workarounds.py) the head's weight gradient contracted over two axes
+    # ran 1.5x slower (docs/results/speed.md, "Session 10").
+    spec = "nd,vd->nv" if cfg.tie_embeddings else "nd,dv->nv"
+    batch, time = normed.shape[:2]
+    logits = jnp.einsum(spec, normed.reshape(batch * time, -1), head.astype(cfg.dtype),
                         preferred_element_type=jnp.float32).astype(jnp.float32)
+    logits = logits.reshape(batch, time, -1)
     if cfg.logits_softcap is not None:
         logits = cfg.logits_softcap * jnp.tanh(logits / cfg.logits_softcap)
     return logits
