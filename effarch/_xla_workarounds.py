@@ -10,8 +10,9 @@ exactly such operands in its backward pass: ``experiments/hybrid_ratio.py
 it runs; YNN's dot fusions stay (turning all YNN fusion off made Mamba-2's CPU
 training step 9% slower). What dropping the reduce fusions does to speed
 (docs/results/speed.md, sessions 9 and 10): Mamba's and Jamba's CPU steps run
-2.2x faster (the selective scan); Mamba-2's step moved +3% and +8% in two
-measurements, and the other models' moved within the machine's noise.
+2.2x faster (the selective scan); Mamba-2's and Qwen3-Next's training steps ran
+12-15% slower, all of it in the LM head's weight gradient, which
+``models.lm.output_logits`` now computes as one 2-D matmul (no slower either way).
 
 ``apply()`` adds ``--xla_cpu_experimental_ynn_fusion_type=-reduce`` to the front
 of ``XLA_FLAGS`` unless the user set that flag. The front:
