@@ -105,10 +105,10 @@ def output_logits(cfg: LMConfig, normed: jax.Array, head: jax.Array) -> jax.Arra
     # fusions (effarch/_xla_workarounds.py) the head's weight gradient contracted over two axes
     # ran 1.5x slower (docs/results/speed.md, "Session 10").
     spec = "nd,vd->nv" if cfg.tie_embeddings else "nd,dv->nv"
-    batch, time = normed.shape[:2]
-    logits = jnp.einsum(spec, normed.reshape(batch * time, -1), head.astype(cfg.dtype),
+    batch, length = normed.shape[:2]
+    logits = jnp.einsum(spec, normed.reshape(batch * length, -1), head.astype(cfg.dtype),
                         preferred_element_type=jnp.float32).astype(jnp.float32)
-    logits = logits.reshape(batch, time, -1)
+    logits = logits.reshape(batch, length, -1)
     if cfg.logits_softcap is not None:
         logits = cfg.logits_softcap * jnp.tanh(logits / cfg.logits_softcap)
     return logits

@@ -29,6 +29,20 @@ def platform() -> str:
     return jax.default_backend()
 
 
+# The longest chunk "auto" runs on CPU in the chunked forms of linear_attention (scalar or no
+# decay: Mamba-2's SSD, RetNet, mLSTM) and delta_rule. The chunk length changes only the order of
+# summation; on CPU C = 32 was the fastest with gradients: 29-32% faster than C = 64 at Mamba-2's
+# shapes, 1.3-1.5x at Qwen3-Next's (docs/results/speed.md, sessions 7 and 10).
+CPU_CHUNK_SIZE = 32
+
+
+def auto_chunk_size(implementation: str, chunk_size: int) -> int:
+    """``chunk_size``, capped at :data:`CPU_CHUNK_SIZE` for ``"auto"`` on CPU (an explicit form keeps it)."""
+    if implementation == "auto" and platform() == "cpu":
+        return min(chunk_size, CPU_CHUNK_SIZE)
+    return chunk_size
+
+
 def check_implementation(op: str, implementation: str, supported: Sequence[str]) -> None:
     """Unknown names list the valid ones; known but unsupported ones say so."""
     if implementation not in IMPLEMENTATIONS:

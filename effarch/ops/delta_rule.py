@@ -39,16 +39,13 @@ from effarch.op_contract import (
     pad_to_multiple,
     segment_starts,
 )
-from effarch.ops._common import platform, resolve_forms, run_forms, segsum
+from effarch.ops import _common
+from effarch.ops._common import resolve_forms, run_forms, segsum
 from effarch.typing import Float, Keys, Queries, SegmentIds, State, Values, Array
 
 DELTA_IMPLEMENTATIONS = ("auto", "recurrent", "chunked")
 GENERALIZED_IMPLEMENTATIONS = ("auto", "recurrent", "chunked")
-# The longest chunk "auto" runs on CPU for delta_rule (under jax.grad; the forward is recurrent
-# there): the chunk length changes only the order of summation, and at Qwen3-Next's shapes C = 32
-# trained 1.3-1.5x faster than C = 64 (docs/results/speed.md, "Session 10"). An explicit
-# implementation="chunked" keeps the caller's chunk_size.
-CPU_CHUNK_SIZE = 32
+CPU_CHUNK_SIZE = _common.CPU_CHUNK_SIZE  # "auto"'s chunk cap on CPU, under jax.grad (the forward is recurrent)
 
 Beta = Float[Array, "B T H"]
 ScalarLogDecay = Float[Array, "B T H"]
@@ -204,8 +201,7 @@ def delta_rule(
     _check_common(op, q, segment_ids, chunk_size)
     choice = resolve_forms(op, implementation, DELTA_IMPLEMENTATIONS)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if implementation == "auto" and platform() == "cpu":
-        chunk_size = min(chunk_size, CPU_CHUNK_SIZE)
+    chunk_size = _common.auto_chunk_size(implementation, chunk_size)
     if log_decay is None:
         log_decay = jnp.zeros(beta.shape, jnp.float32)
 

@@ -45,11 +45,7 @@ OP = "linear_attention"
 IMPLEMENTATIONS = ("auto", "recurrent", "quadratic", "chunked", "pallas")
 # Sub-chunk length for per-key-channel decay inside a chunk (see _intra_per_channel).
 SUBCHUNK = 16
-# The longest chunk "auto" runs on CPU for a scalar (or no) decay: the chunk length changes only the
-# order of summation, and on CPU C = 32 was the fastest of 16 ... 256 forward + backward at Mamba-2's
-# shapes (29-32% faster than C = 64; docs/results/speed.md). An explicit implementation="chunked"
-# keeps the caller's chunk_size.
-CPU_CHUNK_SIZE = 32
+CPU_CHUNK_SIZE = _common.CPU_CHUNK_SIZE  # "auto"'s chunk cap on CPU for a scalar (or no) decay
 
 
 def linear_attention(
@@ -100,8 +96,8 @@ def linear_attention(
     choice = _common.resolve_forms(OP, implementation, IMPLEMENTATIONS)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if implementation == "auto" and _common.platform() == "cpu" and (log_decay is None or log_decay.ndim == 3):
-        chunk_size = min(chunk_size, CPU_CHUNK_SIZE)
+    if log_decay is None or log_decay.ndim == 3:  # per-channel decay keeps its chunk on every platform
+        chunk_size = _common.auto_chunk_size(implementation, chunk_size)
 
     def form(name):  # a function of the arrays, scale and chunk_size bound
         if name == "pallas":

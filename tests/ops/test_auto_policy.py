@@ -175,34 +175,26 @@ def test_cpu_attention_from_64_queries_is_the_chunked_form_in_blocks_of_64():
                                   ops.attention(short["q"], short["k"], short["v"], implementation="xla"))
 
 
-@cpu_only
-def test_cpu_linear_attention_trains_in_chunks_of_at_most_32():
-    from effarch.ops.linear_attention import CPU_CHUNK_SIZE
-    a = _arrays(3, q=(1, 100, 2, 4), k=(1, 100, 2, 4), v=(1, 100, 2, 3), g=(1, 100, 2))
+def _linear_attention_chunked(x, chunk_size, implementation):
+    return ops.linear_attention(x["q"], x["k"], x["v"], -jax.nn.softplus(x["g"]),
+                                chunk_size=chunk_size, implementation=implementation)[0]
 
-    def grads(implementation, chunk_size):
-        def loss(x):
-            o, _ = ops.linear_attention(x["q"], x["k"], x["v"], -jax.nn.softplus(x["g"]),
-                                        chunk_size=chunk_size, implementation=implementation)
-            return jnp.sum(jnp.cos(o))
-        return jax.jit(jax.grad(loss))(a)
 
-    for got, want in zip(jax.tree.leaves(grads("auto", 64)), jax.tree.leaves(grads("chunked", CPU_CHUNK_SIZE))):
-        np.testing.assert_array_equal(got, want)
+def _delta_rule_chunked(x, chunk_size, implementation):
+    k = x["k"] / jnp.linalg.norm(x["k"], axis=-1, keepdims=True)
+    return ops.delta_rule(x["q"], k, x["v"], jax.nn.sigmoid(x["beta"]), -jax.nn.softplus(x["g"]),
+                          chunk_size=chunk_size, implementation=implementation)[0]
 
 
 @cpu_only
-def test_cpu_delta_rule_trains_in_chunks_of_at_most_32():
-    from effarch.ops.delta_rule import CPU_CHUNK_SIZE
-    a = _arrays(4, q=(1, 100, 2, 4), k=(1, 100, 2, 4), v=(1, 100, 2, 3), beta=(1, 100, 2), g=(1, 100, 2))
+@pytest.mark.parametrize("op", [_linear_attention_chunked, _delta_rule_chunked], ids=["linear_attention", "delta_rule"])
+def test_cpu_trains_in_chunks_of_at_most_32(op):
+    """With gradients, "auto" on CPU is the chunked form at ``CPU_CHUNK_SIZE`` whatever chunk the caller asks."""
+    from effarch.ops._common import CPU_CHUNK_SIZE
+    a = _arrays(3, q=(1, 100, 2, 4), k=(1, 100, 2, 4), v=(1, 100, 2, 3), beta=(1, 100, 2), g=(1, 100, 2))
 
     def grads(implementation, chunk_size):
-        def loss(x):
-            k = x["k"] / jnp.linalg.norm(x["k"], axis=-1, keepdims=True)
-            o, _ = ops.delta_rule(x["q"], k, x["v"], jax.nn.sigmoid(x["beta"]), -jax.nn.softplus(x["g"]),
-                                  chunk_size=chunk_size, implementation=implementation)
-            return jnp.sum(jnp.cos(o))
-        return jax.jit(jax.grad(loss))(a)
+        return jax.jit(jax.grad(lambda x: jnp.sum(jnp.cos(op(x, chunk_size, implementation)))))(a)
 
     for got, want in zip(jax.tree.leaves(grads("auto", 64)), jax.tree.leaves(grads("chunked", CPU_CHUNK_SIZE))):
         np.testing.assert_array_equal(got, want)
